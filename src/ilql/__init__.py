@@ -1,0 +1,43 @@
+"""ilql: offline RL fine-tuning of causal language models by Implicit Language Q-Learning."""
+
+from .config import (
+    ILQLConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainConfig,
+    TRLConfig,
+    default_ilql_config,
+)
+from .data import ILQLBatch, make_episodes
+from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
+from .heads import ILQLHeads
+from .loss import ilql_loss
+from .modeling import AutoModelForCausalLMWithILQLHeads
+from .trainer import ILQLTrainer, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoModelForCausalLMWithILQLHeads",
+    "ConfigError",
+    "DataError",
+    "DataTypeError",
+    "ILQLBatch",
+    "ILQLConfig",
+    "ILQLError",
+    "ILQLHeads",
+    "ILQLTrainer",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "TrainingError",
+    "TRLConfig",
+    "default_ilql_config",
+    "ilql_loss",
+    "make_episodes",
+    "train",
+]

@@ -1,0 +1,404 @@
+"""The training loop and `train(...)`, the entry point trlx users know.
+
+Flow: validate everything -> episodes -> batches -> model -> `ilql_loss` -> optimizer, with
+the target Q heads Polyak-averaged every `steps_for_target_q_sync` optimizer steps, guided
+generation + `metric_fn` every `eval_interval` steps (one run per value of any list in
+`gen_kwargs`), checkpoints every `checkpoint_interval` steps, the best one kept apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PretrainedConfig
+
+from .config import TRLConfig, default_ilql_config
+from .data import Episode, ILQLCollator, make_episodes, validate_prompts, validate_samples
+from .errors import ConfigError, DataError, DataTypeError
+from .loss import ilql_loss
+from .modeling import AutoModelForCausalLMWithILQLHeads
+
+MetricFn = Callable[..., Dict[str, Any]]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(config: TRLConfig):
+    tok_config = config.tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tok_config.tokenizer_path, **tok_config.tokenizer_extra_configs)
+    # neither side is saved with a tokenizer: set both at load
+    tokenizer.padding_side = tok_config.padding_side
+    tokenizer.truncation_side = tok_config.truncation_side
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer at {tok_config.tokenizer_path} has no eos_token; ILQL ends every output with it")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_path: Union[str, PretrainedConfig], config: TRLConfig) -> AutoModelForCausalLMWithILQLHeads:
+    method = config.method
+    if isinstance(model_path, PretrainedConfig):
+        model = AutoModelForCausalLMWithILQLHeads.from_config(model_path, two_qs=method.two_qs, alpha=method.alpha)
+    else:
+        model = AutoModelForCausalLMWithILQLHeads.from_pretrained(
+            model_path, two_qs=method.two_qs, alpha=method.alpha, **config.model.model_extra_configs
+        )
+    model.freeze_bottom_layers(config.model.num_layers_unfrozen)
+    return model
+
+
+def build_optimizer(params, config: TRLConfig) -> torch.optim.Optimizer:
+    kwargs = dict(config.optimizer.kwargs)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    try:
+        return classes[config.optimizer.name](params, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"optimizer.kwargs do not fit {config.optimizer.name}: {e}") from None
+
+
+def build_scheduler(optimizer, config: TRLConfig, total_steps: int):
+    name, kwargs = config.scheduler.name, dict(config.scheduler.kwargs)
+    try:
+        if name == "cosine_annealing":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **kwargs)
+        if name == "linear":
+            end = kwargs.pop("end_factor", 0.0)
+            return torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0, end_factor=end, total_iters=kwargs.pop("total_iters", total_steps)
+            )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    except TypeError as e:
+        raise ConfigError(f"scheduler.kwargs do not fit {name}: {e}") from None
+
+
+def gen_kwargs_sweep(gen_kwargs: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """One (suffix, kwargs) per combination of the list-valued entries, e.g.
+    ``beta=[0, 1]`` -> [("beta=0", {..., beta: 0}), ("beta=1", {..., beta: 1})]."""
+    swept = {k: v for k, v in gen_kwargs.items() if isinstance(v, (list, tuple))}
+    fixed = {k: v for k, v in gen_kwargs.items() if k not in swept}
+    runs = []
+    for values in itertools.product(*swept.values()):
+        chosen = dict(zip(swept, values))
+        suffix = ",".join(f"{k}={v}" for k, v in chosen.items())
+        runs.append((suffix, {**fixed, **chosen}))
+    return runs
+
+
+def trim_at_stop(text: str, stop_sequences: Optional[Sequence[str]]) -> str:
+    cut = len(text)
+    for stop in stop_sequences or ():
+        at = text.find(stop)
+        if stop and at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def _mean(values: Any, name: str) -> float:
+    array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if array.size == 0:
+        raise DataError(f"metric_fn returned no values for {name!r}")
+    return float(array.mean())
+
+
+class ILQLTrainer:
+    """Runs ILQL on prepared episodes. Built by `train(...)`; `learn()` runs the loop."""
+
+    def __init__(
+        self,
+        config: TRLConfig,
+        model: AutoModelForCausalLMWithILQLHeads,
+        tokenizer,
+        episodes: List[Episode],
+        eval_prompts: Sequence[str] = (),
+        metric_fn: Optional[MetricFn] = None,
+        stop_sequences: Optional[Sequence[str]] = None,
+        logit_mask: Optional[torch.Tensor] = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.eval_prompts = list(eval_prompts)
+        self.metric_fn = metric_fn
+        self.stop_sequences = list(stop_sequences or [])
+        self.logit_mask = None if logit_mask is None else logit_mask.to(self.device)
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.loader = DataLoader(
+            episodes,
+            batch_size=config.train.batch_size,
+            shuffle=True,
+            collate_fn=ILQLCollator(tokenizer.pad_token_id),
+            generator=self.generator,
+        )
+        self.total_steps = min(config.train.epochs * len(self.loader), config.train.total_steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.step = 0
+        self.best_score = -math.inf
+        self.checkpoint_dir = Path(config.train.checkpoint_dir)
+        self.log_path = Path(config.train.logging_dir or config.train.checkpoint_dir) / "stats.jsonl"
+        self.history: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------ training
+    def loss(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            actions_ixs=batch.actions_ixs,
+            states_ixs=batch.states_ixs,
+            actions=batch.actions,
+        )
+        m = self.config.method
+        return ilql_loss(
+            logits=out.logits,
+            qs=out.qs,
+            target_qs=out.target_qs,
+            vs=out.vs,
+            actions=batch.actions,
+            rewards=batch.rewards,
+            dones=batch.dones,
+            tau=m.tau,
+            gamma=m.gamma,
+            cql_scale=m.cql_scale,
+            awac_scale=m.awac_scale,
+            beta=m.beta,
+        )
+
+    def train_step(self, batch) -> Dict[str, float]:
+        self.model.train()  # dropout on for every step, whatever evaluation did before
+        loss, stats = self.loss(batch.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.step % self.config.method.steps_for_target_q_sync == 0:
+            self.model.sync_target_q_heads()
+        return {k: v.item() for k, v in stats.items()}
+
+    def learn(self) -> "ILQLTrainer":
+        train = self.config.train
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.total_steps, desc="ilql", disable=None if train.progress_bar else True, dynamic_ncols=True)
+        start = time.perf_counter()
+        while self.step < self.total_steps:
+            for batch in self.loader:
+                t0 = time.perf_counter()
+                stats = self.train_step(batch)
+                stats.update(step=self.step, lr=self.scheduler.get_last_lr()[0], **{"time/step": time.perf_counter() - t0})
+                self._log(stats)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['losses/loss']:.4f}")
+                last = self.step >= self.total_steps
+                if self.step % train.eval_interval == 0 or last:
+                    self.evaluate()
+                if self.step % train.checkpoint_interval == 0 or last:
+                    self.save_checkpoint(self.checkpoint_dir / f"checkpoint_{self.step:07d}")
+                if last:
+                    break
+        bar.close()
+        self.train_seconds = time.perf_counter() - start
+        return self
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------------------- evaluation
+    def generate_texts(self, prompts: Sequence[str], **gen_kwargs) -> List[str]:
+        """Guided generation for a list of prompts; returns the decoded outputs, trimmed at
+        the first stop sequence."""
+        batch_size = self.config.train.eval_batch_size or self.config.train.batch_size
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        outputs = []
+        for i in range(0, len(prompts), batch_size):
+            encoded = [self.tokenizer(p, add_special_tokens=False).input_ids or [bos] for p in prompts[i : i + batch_size]]
+            width = max(map(len, encoded))
+            ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(encoded):  # left padding
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
+            new = self.model.generate(
+                ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logit_mask=self.logit_mask,
+                generator=self._eval_generator(),
+                **gen_kwargs,
+            )[:, width:]
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            outputs.extend(trim_at_stop(t, self.stop_sequences) for t in texts)
+        return outputs
+
+    def _eval_generator(self) -> torch.Generator:
+        # its own stream, so that evaluation never moves the training RNG
+        if not hasattr(self, "_eval_rng") or self._eval_rng[0] != self.step:
+            gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 7919 * self.step)
+            self._eval_rng = (self.step, gen)
+        return self._eval_rng[1]
+
+    def evaluate(self) -> Dict[str, float]:
+        if not self.eval_prompts or self.metric_fn is None:
+            return {}
+        results: Dict[str, float] = {}
+        examples = []
+        score = -math.inf
+        for suffix, kwargs in gen_kwargs_sweep(self.config.method.gen_kwargs):
+            outputs = self.generate_texts(self.eval_prompts, **kwargs)
+            samples = [p + o for p, o in zip(self.eval_prompts, outputs)]
+            metrics = self.metric_fn(samples=samples, prompts=list(self.eval_prompts), outputs=outputs)
+            if not isinstance(metrics, dict) or not metrics:
+                raise DataTypeError(f"metric_fn must return a non-empty dict of lists, got {type(metrics).__name__}")
+            tag = f"@{suffix}" if suffix else ""
+            for name, values in metrics.items():
+                results[f"metrics/{name}{tag}"] = _mean(values, name)
+            best_name = self.config.train.best_metric or next(iter(metrics))
+            if best_name in metrics:
+                score = max(score, _mean(metrics[best_name], best_name))
+            first = next(iter(metrics))
+            for p, o, v in list(zip(self.eval_prompts, outputs, metrics[first]))[:3]:
+                examples.append((suffix, p, o, f"{float(v):.3f}"))
+        self._log({"step": self.step, **results})
+        self._print_eval(results, examples, first)
+        if self.config.train.save_best and score > self.best_score:
+            self.best_score = score
+            self.save_checkpoint(self.checkpoint_dir / "best_checkpoint")
+        return results
+
+    def _print_eval(self, results, examples, metric_name) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"evaluation at step {self.step}")
+        for column in ("setting", "prompt", "output", metric_name):
+            table.add_column(column, overflow="fold")
+        for row in examples:
+            table.add_row(*[r[:80] for r in row])
+        console = Console()
+        console.print(table)
+        console.print("  ".join(f"{k}={v:.4f}" for k, v in results.items()))
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Model, heads and tokenizer in `directory`, openable with `from_pretrained`."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self._write_checkpoint(tmp)
+            from .modeling import publish_directory
+
+            publish_directory(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """A training checkpoint, written in a temporary directory and swapped in whole."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            self._write_checkpoint(tmp)
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": self.step, "best_score": self.best_score}), encoding="utf-8"
+            )
+            old = directory.with_name(f".{directory.name}.old")
+            if directory.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        self.model.write_files(directory)
+        self.tokenizer.save_pretrained(str(directory))
+        self.config.save_yaml(directory / "ilql_train_config.yaml")
+
+
+def train(
+    model_path: Optional[Union[str, PretrainedConfig]] = None,
+    reward_fn: Optional[Callable] = None,
+    dataset: Optional[Tuple[Sequence[Any], Sequence[float]]] = None,
+    samples: Optional[Sequence[Any]] = None,
+    rewards: Optional[Sequence[float]] = None,
+    prompts: Optional[Sequence[str]] = None,
+    eval_prompts: Optional[Sequence[str]] = None,
+    metric_fn: Optional[MetricFn] = None,
+    config: Optional[TRLConfig] = None,
+    stop_sequences: Optional[Sequence[str]] = None,
+    logit_mask: Optional[torch.Tensor] = None,
+) -> ILQLTrainer:
+    """Train a causal LM with ILQL on `samples` labelled with `rewards`; returns the trainer.
+
+    model_path: a local transformers directory, or a `transformers.PretrainedConfig` to train
+        from scratch (default: ``config.model.model_path``).
+    samples: strings, ``[prompt, completion]`` pairs or ``[prompt, output, prompt, output, ...]``
+        dialogues; rewards: one finite number per sample. ``dataset=(samples, rewards)`` works too.
+    eval_prompts, metric_fn: evaluation; ``metric_fn(samples=..., prompts=..., outputs=...)``
+        returns a dict of lists whose means are logged per gen_kwargs setting.
+    stop_sequences: generated outputs are cut at the first of these.
+    logit_mask: optional bool [vocab, vocab]; ``logit_mask[last_token]`` marks tokens that may
+        not follow ``last_token`` during evaluation.
+
+    Every input is checked before the model is loaded.
+    """
+    config = config or default_ilql_config()
+    if not isinstance(config, TRLConfig):
+        raise DataTypeError(f"config must be a TRLConfig, got {type(config).__name__}")
+    if reward_fn is not None or prompts is not None:
+        raise ConfigError(
+            "ilql trains offline: reward_fn/prompts (online RL) are not supported; label your samples "
+            "and pass samples= and rewards="
+        )
+    if dataset is not None:
+        if samples is not None or rewards is not None:
+            raise ConfigError("give either dataset=(samples, rewards) or samples= and rewards=, not both")
+        if not isinstance(dataset, (tuple, list)) or len(dataset) != 2:
+            raise DataTypeError("dataset must be a (samples, rewards) pair")
+        samples, rewards = dataset
+    if samples is None or rewards is None:
+        raise DataError("train() needs samples= and rewards= (one reward per sample)")
+    validate_samples(samples, rewards)
+    eval_prompts = validate_prompts(eval_prompts)
+    if metric_fn is not None and not callable(metric_fn):
+        raise DataTypeError(f"metric_fn must be callable, got {type(metric_fn).__name__}")
+    if metric_fn is not None and not eval_prompts:
+        eval_prompts = [""] * (config.train.eval_batch_size or config.train.batch_size)
+    stop_sequences = validate_prompts(stop_sequences, "stop_sequences")
+
+    set_seed(config.train.seed)
+    tokenizer = load_tokenizer(config)
+    episodes = make_episodes(
+        samples, rewards, tokenizer, config.train.seq_length, standardize_rewards=config.method.standardize_rewards
+    )
+    model = load_model(model_path if model_path is not None else config.model.model_path, config)
+    vocab = model.ilql_heads.vocab_size
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {vocab}")
+    trainer = ILQLTrainer(config, model, tokenizer, episodes, eval_prompts, metric_fn, stop_sequences, logit_mask)
+    return trainer.learn()

@@ -151,6 +151,10 @@ class TrainConfig(_Section):
     project_name: str = "ilql"
     tags: List[str] = field(default_factory=list)
     progress_bar: bool = True
+    # fault tolerance: training checkpoints kept besides the best one (None keeps all), and
+    # how many non-finite steps in a row are skipped before training stops with an error
+    keep_last_checkpoints: Optional[int] = 3
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -160,6 +164,9 @@ class TrainConfig(_Section):
         ok = isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0
         _check(ok, "train.seed", "an integer >= 0", self.seed)
         _check(self.tracker in (None, "jsonl"), "train.tracker", "None or 'jsonl'", self.tracker)
+        if self.keep_last_checkpoints is not None:
+            _positive_int("train", "keep_last_checkpoints", self.keep_last_checkpoints)
+        _positive_int("train", "max_nonfinite_steps", self.max_nonfinite_steps)
 
 
 @dataclass

@@ -21,15 +21,21 @@ def make_head(hidden_size: int, out_size: int) -> nn.Sequential:
     )
 
 
+def head_body(head: nn.Sequential, hs: torch.Tensor) -> Tuple[torch.Tensor, nn.Linear]:
+    """The input of the head's last (linear) layer, and that layer."""
+    *body, last = head
+    h = hs
+    for layer in body:
+        h = layer(h)
+    return h, last
+
+
 def head_at_actions(head: nn.Sequential, hs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """``head(hs).gather(-1, actions)`` without computing the other vocabulary columns.
 
     The last layer is linear, so the value of one action is a dot product with one row of its
     weight: O(hidden) per position instead of O(hidden * vocab)."""
-    *body, last = head
-    h = hs
-    for layer in body:
-        h = layer(h)
+    h, last = head_body(head, hs)
     weight = last.weight[actions]  # [..., 2h]
     out = (h.unsqueeze(-2) @ weight.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     return out + last.bias[actions] if last.bias is not None else out
@@ -65,6 +71,15 @@ class ILQLHeads(nn.Module):
                 target_qs = [head_at_actions(t, actions_hs, actions) for t in self.target_q_heads]
         vs = self.v_head(states_hs).squeeze(-1)
         return qs, target_qs, vs
+
+    def loss_features(self, states_hs: torch.Tensor, actions_hs: torch.Tensor, actions: torch.Tensor):
+        """What the chunked loss needs: each Q head's last-layer input and that layer (so that
+        no [..., V] tensor is built here), target Q at the taken actions, and V."""
+        q_bodies = [head_body(q, actions_hs) for q in self.q_heads]
+        with torch.no_grad():
+            target_qs = [head_at_actions(t, actions_hs, actions) for t in self.target_q_heads]
+        vs = self.v_head(states_hs).squeeze(-1)
+        return q_bodies, target_qs, vs
 
     def advantage(self, hs: torch.Tensor) -> torch.Tensor:
         """``min_i targetQ_i(s, .) - V(s)`` over the vocabulary: what guided decoding adds."""

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import ConfigError
 from .heads import ILQLHeads
+from .loss import VocabHeadInputs
 
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_CONFIG_FILE = "ilql_config.json"
@@ -148,7 +149,10 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         """Last hidden state of the trunk (after its final norm) and the KV cache."""
-        out = self.base_model.base_model(
+        trunk = self.base_model.base_model
+        if not use_cache and past_key_values is None:
+            trunk = self.__dict__.get("_compiled_trunk", trunk)  # training: fixed-shape calls only
+        out = trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -156,6 +160,18 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
             use_cache=use_cache,
         )
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def compile_trunk(self, **compile_kwargs) -> None:
+        """Use ``torch.compile`` on the trunk for training forwards (not for cached decoding,
+        whose shapes change every token). Kept out of the module tree, so state dicts and
+        checkpoints stay those of the plain model."""
+        if "_compiled_trunk" not in self.__dict__:
+            self.__dict__["_compiled_trunk"] = torch.compile(self.base_model.base_model, **compile_kwargs)
+
+    @property
+    def supports_chunked_loss(self) -> bool:
+        """The chunked loss needs the LM head to be a plain linear layer."""
+        return isinstance(self.base_model.get_output_embeddings(), nn.Linear)
 
     def lm_logits(self, hs: torch.Tensor) -> torch.Tensor:
         logits = self.base_model.get_output_embeddings()(hs)
@@ -182,6 +198,39 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
         states_hs = hs if states_ixs is None else _gather_positions(hs, states_ixs)
         qs, target_qs, vs = self.ilql_heads(states_hs, actions_hs, actions)
         return ILQLOutput(self.lm_logits(actions_hs), qs, target_qs, vs, cache)
+
+    def loss_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        actions_ixs: torch.Tensor,
+        states_ixs: torch.Tensor,
+        actions: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> VocabHeadInputs:
+        """The training forward for `ilql_loss_chunked`: like `forward` with indices, but it
+        stops before every vocabulary-sized layer and returns their inputs and weights."""
+        if not self.supports_chunked_loss:
+            raise ConfigError(
+                f"method.chunk_size needs a linear LM head; {type(self.base_model).__name__} has "
+                f"{type(self.base_model.get_output_embeddings()).__name__}: set method.chunk_size to null"
+            )
+        hs, _ = self.hidden_states(input_ids, attention_mask, position_ids)
+        actions_hs = _gather_positions(hs, actions_ixs)
+        states_hs = _gather_positions(hs, states_ixs)
+        q_bodies, target_qs, vs = self.ilql_heads.loss_features(states_hs, actions_hs, actions)
+        lm_head = self.base_model.get_output_embeddings()
+        return VocabHeadInputs(
+            lm_hs=actions_hs,
+            lm_weight=lm_head.weight,
+            lm_bias=lm_head.bias,
+            q_hs=[h for h, _ in q_bodies],
+            q_weights=[last.weight for _, last in q_bodies],
+            q_biases=[last.bias for _, last in q_bodies],
+            target_qs=target_qs,
+            vs=vs,
+            lm_softcap=getattr(self.config, "final_logit_softcapping", None) or None,
+        )
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Advantage-guided decoding; see `ilql.generation.generate` for the arguments."""

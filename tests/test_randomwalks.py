@@ -76,4 +76,4 @@ def test_demo_command_runs_and_reports(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["mean"]) == {"beta=0", "beta=1", "beta=100"}
     assert all(0.0 <= v <= 1.0 for v in result["mean"].values())
-    assert result["per_seed"][0]["sec_per_step"] > 0 and result["peak_rss_mib"] > 0
+    assert result["per_seed"][0]["sec_per_train_step"] > 0 and result["peak_rss_mib"] > 0

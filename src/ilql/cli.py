@@ -68,7 +68,9 @@ def train_command(args) -> int:
             overrides[key] = yaml.safe_load(value)
         config = TRLConfig.update(config, overrides)
     samples, rewards = load_jsonl(args.data)
-    trainer = train(model_path=args.model, samples=samples, rewards=rewards, config=config)
+    trainer = train(
+        model_path=args.model, samples=samples, rewards=rewards, config=config, resume_from_checkpoint=args.resume
+    )
     if args.output_dir:
         trainer.save_pretrained(args.output_dir)
     return 0
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default=None, help="local model directory (default: model.model_path)")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method.tau=0.8")
     tr.add_argument("--output-dir", default=None, help="save the final model and tokenizer here")
+    tr.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                    help="resume from CHECKPOINT (a checkpoint directory), or without a value from the newest "
+                    "complete checkpoint under train.checkpoint_dir (a fresh start if there is none)")
     tr.set_defaults(func=train_command)
 
     gen = sub.add_parser("generate", help="guided generation from a saved model")

@@ -16,6 +16,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,8 +28,9 @@ from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
 from .data import Episode, ILQLCollator, make_episodes, validate_prompts, validate_samples
-from .errors import ConfigError, DataError, DataTypeError
-from .loss import ilql_loss
+from . import checkpoint as ckpt
+from .errors import ConfigError, DataError, DataTypeError, TrainingError
+from .loss import ilql_loss, ilql_loss_chunked
 from .modeling import AutoModelForCausalLMWithILQLHeads
 
 MetricFn = Callable[..., Dict[str, Any]]
@@ -120,6 +122,13 @@ def _mean(values: Any, name: str) -> float:
     return float(array.mean())
 
 
+def training_autocast(device: torch.device, mixed_precision: str):
+    """bf16 autocast for train.mixed_precision="bf16" (the losses compute in float32 anyway)."""
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision='bf16' but this GPU does not support bfloat16; use 'no'")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
 class ILQLTrainer:
     """Runs ILQL on prepared episodes. Built by `train(...)`; `learn()` runs the loop."""
 
@@ -156,65 +165,131 @@ class ILQLTrainer:
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.step = 0
         self.best_score = -math.inf
+        # the data order position, checkpointed so that a resume replays no batch twice
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._epoch_start_rng = self.generator.get_state()
+        self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
+        self.data_fingerprint = ckpt.dataset_fingerprint(episodes)
+        self.num_episodes = len(episodes)
         self.checkpoint_dir = Path(config.train.checkpoint_dir)
         self.log_path = Path(config.train.logging_dir or config.train.checkpoint_dir) / "stats.jsonl"
         self.history: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------ training
     def loss(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        out = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            actions_ixs=batch.actions_ixs,
-            states_ixs=batch.states_ixs,
-            actions=batch.actions,
+        """The ILQL loss of a batch: chunked (bounded memory) unless method.chunk_size is None,
+        under bf16 autocast with train.mixed_precision="bf16", through a compiled trunk with
+        train.compile. Both paths give the same gradients (tests/test_chunked_loss.py)."""
+        m, train = self.config.method, self.config.train
+        if train.compile:
+            self.model.compile_trunk()
+        hparams = dict(
+            actions=batch.actions, rewards=batch.rewards, dones=batch.dones,
+            tau=m.tau, gamma=m.gamma, cql_scale=m.cql_scale, awac_scale=m.awac_scale, beta=m.beta,
         )
-        m = self.config.method
-        return ilql_loss(
-            logits=out.logits,
-            qs=out.qs,
-            target_qs=out.target_qs,
-            vs=out.vs,
-            actions=batch.actions,
-            rewards=batch.rewards,
-            dones=batch.dones,
-            tau=m.tau,
-            gamma=m.gamma,
-            cql_scale=m.cql_scale,
-            awac_scale=m.awac_scale,
-            beta=m.beta,
-        )
+        with training_autocast(self.device, train.mixed_precision):
+            if m.chunk_size is not None:
+                inputs = self.model.loss_inputs(
+                    batch.input_ids, batch.attention_mask, batch.actions_ixs, batch.states_ixs, batch.actions
+                )
+                return ilql_loss_chunked(inputs=inputs, chunk_size=m.chunk_size, **hparams)
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                actions_ixs=batch.actions_ixs,
+                states_ixs=batch.states_ixs,
+                actions=batch.actions,
+            )
+            return ilql_loss(logits=out.logits, qs=out.qs, target_qs=out.target_qs, vs=out.vs, **hparams)
 
     def train_step(self, batch) -> Dict[str, float]:
         self.model.train()  # dropout on for every step, whatever evaluation did before
         loss, stats = self.loss(batch.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self._skip_nonfinite(loss, stats):
+            return {"nonfinite/skipped": float(self.nonfinite_total)}
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.step % self.config.method.steps_for_target_q_sync == 0:
             self.model.sync_target_q_heads()
+        if self.step % self.config.train.log_interval:
+            return {}  # no host sync between logging steps
         return {k: v.item() for k, v in stats.items()}
+
+    def _skip_nonfinite(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]) -> bool:
+        """True when this step's loss or gradients are not finite: the gradients are dropped,
+        the optimizer and scheduler do not step, and the skip is counted; after
+        `train.max_nonfinite_steps` in a row training stops with a `TrainingError`."""
+        bad_terms = [k for k, v in stats.items() if k.startswith("losses/") and not bool(torch.isfinite(v).all())]
+        bad_grads: List[str] = []
+        if not bad_terms and bool(torch.isfinite(loss.detach()).all()):
+            named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+            flags = torch.stack([torch.isfinite(p.grad).all() for _, p in named]) if named else None
+            if flags is None or bool(flags.all()):
+                self.nonfinite_in_a_row = 0
+                return False
+            bad_grads = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+        elif not bad_terms:
+            bad_terms = ["losses/loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        what = (
+            f"non-finite loss terms: {', '.join(f'{k}={stats[k].item()}' for k in bad_terms if k in stats) or 'losses/loss'}"
+            if bad_terms
+            else f"non-finite gradients in {', '.join(bad_grads[:5])}" + (" ..." if len(bad_grads) > 5 else "")
+        )
+        limit = self.config.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingError(
+                f"step {self.step + 1}: {what}; {self.nonfinite_in_a_row} non-finite steps in a row reached "
+                f"train.max_nonfinite_steps={limit}, stopping (check the learning rate, rewards and data)"
+            )
+        warnings.warn(f"step {self.step + 1} skipped: {what} ({self.nonfinite_in_a_row} in a row, limit {limit})")
+        return True
+
+    def _epoch_batches(self):
+        """The batches of the current epoch. After a resume mid-epoch the loader generator holds
+        the epoch's starting state again, so the same order is drawn and the batches the
+        checkpoint had consumed are skipped."""
+        skip = self.batch_in_epoch
+        if skip == 0:
+            self._epoch_start_rng = self.generator.get_state()
+        for index, batch in enumerate(self.loader):
+            if index < skip:
+                continue
+            self.batch_in_epoch = index + 1
+            yield batch
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def learn(self) -> "ILQLTrainer":
         train = self.config.train
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.total_steps, desc="ilql", disable=None if train.progress_bar else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="ilql", disable=None if train.progress_bar else True,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         while self.step < self.total_steps:
-            for batch in self.loader:
+            for batch in self._epoch_batches():
                 t0 = time.perf_counter()
                 stats = self.train_step(batch)
-                stats.update(step=self.step, lr=self.scheduler.get_last_lr()[0], **{"time/step": time.perf_counter() - t0})
-                self._log(stats)
+                if "nonfinite/skipped" in stats:
+                    self._log({"step": self.step, **stats})
+                    continue
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['losses/loss']:.4f}")
+                if stats:  # train_step returns statistics every train.log_interval steps
+                    stats.update(step=self.step, lr=self.scheduler.get_last_lr()[0], **{"time/step": time.perf_counter() - t0})
+                    self._log(stats)
+                    bar.set_postfix(loss=f"{stats['losses/loss']:.4f}")
                 last = self.step >= self.total_steps
                 if self.step % train.eval_interval == 0 or last:
                     self.evaluate()
                 if self.step % train.checkpoint_interval == 0 or last:
                     self.save_checkpoint(self.checkpoint_dir / f"checkpoint_{self.step:07d}")
+                ckpt.fault_point("after_step", self.step)
                 if last:
                     break
         bar.close()
@@ -316,23 +391,152 @@ class ILQLTrainer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def save_checkpoint(self, directory: Path) -> None:
-        """A training checkpoint, written in a temporary directory and swapped in whole."""
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    def save_checkpoint(self, directory: Union[str, os.PathLike]) -> Path:
+        """A resumable training checkpoint: model, heads, tokenizer, config, optimizer,
+        scheduler, counters, data position and RNG states. Written to a temporary directory,
+        manifest last, then renamed into place (see `ilql.checkpoint`); afterwards only the
+        newest `train.keep_last_checkpoints` step checkpoints are kept (the best one apart)."""
+        directory = Path(directory)
+        kind = "best" if directory.name == ckpt.BEST_NAME else "train"
+        ckpt.write_checkpoint_dir(directory, self._write_training_checkpoint, self.step, kind)
+        if kind == "train" and directory.parent.resolve() == self.checkpoint_dir.resolve():
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.train.keep_last_checkpoints)
+        return directory
+
+    def _write_training_checkpoint(self, directory: Path) -> None:
+        self._write_checkpoint(directory)
+        state, tensors = self.training_state()
+        ckpt.save_tensors(directory / ckpt.STATE_TENSORS, tensors)
+        ckpt.write_json_atomic(directory / ckpt.STATE_JSON, state)
+
+    def training_state(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+        """Everything besides the weights that an exact resume needs, as (JSON, tensors)."""
+        epoch, batch, loader_rng = self.epoch, self.batch_in_epoch, self._epoch_start_rng
+        if batch >= len(self.loader):  # the epoch is used up: resume at the start of the next
+            epoch, batch, loader_rng = epoch + 1, 0, self.generator.get_state()
+        optim_json, tensors = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        rng_json, rng_tensors = ckpt.capture_rng_state()
+        tensors.update(rng_tensors)
+        tensors["rng/loader_epoch_start"] = loader_rng
+        eval_step = None
+        if hasattr(self, "_eval_rng"):
+            eval_step = self._eval_rng[0]
+            tensors["rng/eval"] = self._eval_rng[1].get_state()
+        state = {
+            "format": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.nonfinite_total,
+            "eval_rng_step": eval_step,
+            "num_episodes": self.num_episodes,
+            "data_fingerprint": self.data_fingerprint,
+            "batch_size": self.config.train.batch_size,
+            "rng": rng_json,
+            "optimizer": optim_json,
+            "scheduler": self.scheduler.state_dict(),
+        }
         try:
-            self._write_checkpoint(tmp)
-            (tmp / "trainer_state.json").write_text(
-                json.dumps({"step": self.step, "best_score": self.best_score}), encoding="utf-8"
+            json.dumps(state, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"the training state cannot be written as JSON ({e}); check scheduler.kwargs") from None
+        return state, tensors
+
+    def load_checkpoint(self, directory: Union[str, os.PathLike]) -> None:
+        """Restore a checkpoint written by `save_checkpoint`, so that `learn()` continues
+        exactly where it stopped. The checkpoint is verified against its manifest first."""
+        directory = Path(directory)
+        problem = ckpt.verify_checkpoint(directory)
+        if problem is not None:
+            raise TrainingError(f"cannot resume from {directory}: {problem}")
+        if not (directory / ckpt.STATE_JSON).is_file() or not (directory / ckpt.STATE_TENSORS).is_file():
+            raise TrainingError(f"cannot resume from {directory}: it holds a model but no training state")
+        state = json.loads((directory / ckpt.STATE_JSON).read_text(encoding="utf-8"))
+        self._check_resumable(directory, state)
+        tensors = ckpt.load_tensors(directory / ckpt.STATE_TENSORS)
+        self._load_weights(directory)
+        self.optimizer.load_state_dict(ckpt.join_optimizer_state(state["optimizer"], tensors, self.optimizer.state_dict()))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_score = -math.inf if state["best_score"] is None else state["best_score"]
+        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite_in_a_row"], state["nonfinite_total"]
+        self._epoch_start_rng = tensors["rng/loader_epoch_start"]
+        self.generator.set_state(self._epoch_start_rng)
+        if state.get("eval_rng_step") is not None and "rng/eval" in tensors:
+            gen = torch.Generator(device=self.device)
+            gen.set_state(tensors["rng/eval"])
+            self._eval_rng = (state["eval_rng_step"], gen)
+        ckpt.restore_rng_state(state["rng"], tensors)
+        self._truncate_log()
+
+    def _check_resumable(self, directory: Path, state: Dict[str, Any]) -> None:
+        if state.get("format") != ckpt.FORMAT_VERSION:
+            raise TrainingError(f"cannot resume from {directory}: unknown checkpoint format {state.get('format')!r}")
+        if state["batch_size"] != self.config.train.batch_size:
+            raise ConfigError(
+                f"train.batch_size is {self.config.train.batch_size} but {directory} was trained with "
+                f"{state['batch_size']}; resume with the same batch size"
             )
-            old = directory.with_name(f".{directory.name}.old")
-            if directory.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if state["num_episodes"] != self.num_episodes or state["data_fingerprint"] != self.data_fingerprint:
+            raise DataError(
+                f"the data differ from the data {directory} was trained on ({self.num_episodes} vs "
+                f"{state['num_episodes']} samples, or other contents/tokenizer/seq_length); resume with the same data"
+            )
+
+    def _load_weights(self, directory: Path) -> None:
+        """Model and heads from the checkpoint's safetensors files, bit for bit."""
+        from safetensors.torch import load_file
+
+        base = self.model.base_model
+        state: Dict[str, torch.Tensor] = {}
+        for path in sorted(directory.glob("model*.safetensors")):
+            state.update(load_file(str(path), device=str(self.device)))
+        live = base.state_dict()
+        loaded = {live[k].data_ptr() for k in state if k in live}
+        result = base.load_state_dict(state, strict=False) if state else None
+        # a tied weight (e.g. the LM head) is not saved; any other gap means another layout
+        if result is None or result.unexpected_keys or any(live[k].data_ptr() not in loaded for k in result.missing_keys):
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=False)
+            base.load_state_dict(reference.state_dict())
+        heads = load_file(str(directory / "ilql_heads.safetensors"), device=str(self.device))
+        self.model.ilql_heads.load_state_dict(heads, strict=True)
+
+    def _truncate_log(self) -> None:
+        """Drop the log lines of steps after the checkpoint (they will be run again) and reload
+        the kept ones into `history`, so the log reads as if the run had never stopped."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash
+            if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                kept.append(record)
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.log_path)
+        self.history = kept
+
+    def resolve_resume(self, resume_from_checkpoint: Union[str, os.PathLike]) -> Optional[Path]:
+        """The checkpoint to resume from: ``"latest"`` (or a directory of checkpoints) means the
+        newest complete one under it, skipping and reporting partial ones; None if there is none."""
+        latest = str(resume_from_checkpoint) == "latest"
+        root = self.checkpoint_dir if latest else Path(resume_from_checkpoint)
+        ckpt.recover_best(self.checkpoint_dir)
+        if not latest and not ckpt.list_checkpoints(root):
+            return root  # a checkpoint itself; `load_checkpoint` verifies it
+        found = ckpt.find_latest_checkpoint(root)
+        if found is None and not latest:
+            raise TrainingError(f"cannot resume: no complete checkpoint under {root}")
+        if found is None:
+            warnings.warn(f"no complete checkpoint under {root}: training starts from step 0")
+        return found
 
     def _write_checkpoint(self, directory: Path) -> None:
         self.model.write_files(directory)
@@ -352,6 +556,7 @@ def train(
     config: Optional[TRLConfig] = None,
     stop_sequences: Optional[Sequence[str]] = None,
     logit_mask: Optional[torch.Tensor] = None,
+    resume_from_checkpoint: Optional[Union[str, os.PathLike]] = None,
 ) -> ILQLTrainer:
     """Train a causal LM with ILQL on `samples` labelled with `rewards`; returns the trainer.
 
@@ -364,6 +569,10 @@ def train(
     stop_sequences: generated outputs are cut at the first of these.
     logit_mask: optional bool [vocab, vocab]; ``logit_mask[last_token]`` marks tokens that may
         not follow ``last_token`` during evaluation.
+    resume_from_checkpoint: a checkpoint directory, a directory of checkpoints, or
+        ``"latest"`` (the newest complete one under ``train.checkpoint_dir``; a fresh start if
+        there is none). Model, heads, optimizer, scheduler, counters, data position and RNG
+        states are restored, so the run ends exactly as an uninterrupted one would.
 
     Every input is checked before the model is loaded.
     """
@@ -390,6 +599,7 @@ def train(
     if metric_fn is not None and not eval_prompts:
         eval_prompts = [""] * (config.train.eval_batch_size or config.train.batch_size)
     stop_sequences = validate_prompts(stop_sequences, "stop_sequences")
+    _validate_resume(resume_from_checkpoint)
 
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
@@ -401,4 +611,19 @@ def train(
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {vocab}")
     trainer = ILQLTrainer(config, model, tokenizer, episodes, eval_prompts, metric_fn, stop_sequences, logit_mask)
+    if resume_from_checkpoint is not None:
+        resume_path = trainer.resolve_resume(resume_from_checkpoint)
+        if resume_path is not None:
+            trainer.load_checkpoint(resume_path)
     return trainer.learn()
+
+
+def _validate_resume(resume_from_checkpoint: Any) -> None:
+    if resume_from_checkpoint is None or resume_from_checkpoint == "latest":
+        return
+    if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
+        raise DataTypeError(
+            f"resume_from_checkpoint must be a directory or 'latest', got {type(resume_from_checkpoint).__name__}"
+        )
+    if not Path(resume_from_checkpoint).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory")

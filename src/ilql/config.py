@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine_annealing", "linear", "constant")
+MIXED_PRECISIONS = ("no", "bf16")
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -155,6 +156,11 @@ class TrainConfig(_Section):
     # how many non-finite steps in a row are skipped before training stops with an error
     keep_last_checkpoints: Optional[int] = 3
     max_nonfinite_steps: int = 10
+    # speed: "bf16" autocasts the model's matmuls (losses stay float32); compile runs the trunk
+    # through torch.compile; statistics are copied to the host (a sync) every log_interval steps
+    mixed_precision: str = "no"
+    compile: bool = False
+    log_interval: int = 1
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -167,6 +173,10 @@ class TrainConfig(_Section):
         if self.keep_last_checkpoints is not None:
             _positive_int("train", "keep_last_checkpoints", self.keep_last_checkpoints)
         _positive_int("train", "max_nonfinite_steps", self.max_nonfinite_steps)
+        ok = self.mixed_precision in MIXED_PRECISIONS
+        _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
+        _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)
+        _positive_int("train", "log_interval", self.log_interval)
 
 
 @dataclass
@@ -182,6 +192,10 @@ class ILQLConfig(_Section):
     standardize_rewards: rescale rewards to zero mean and unit variance over the dataset.
     gen_kwargs: keyword arguments of `generate` used at evaluation; a list value (for example
         beta=[0, 1, 4]) runs one evaluation per value.
+    chunk_size: positions per chunk of the vocabulary-sized cross entropies (CQL, AWAC) in
+        training: memory grows with chunk_size x vocab instead of batch x actions x vocab, with
+        the same gradients. None uses the straightforward reference loss over full-vocabulary
+        tensors (needed only for LMs whose output layer is not a plain linear layer).
     """
 
     name: str = "ilqlconfig"
@@ -197,6 +211,7 @@ class ILQLConfig(_Section):
     gen_kwargs: Dict[str, Any] = field(
         default_factory=lambda: dict(max_new_tokens=56, top_k=20, beta=1, temperature=1.0)
     )
+    chunk_size: Optional[int] = 1024
 
     def __post_init__(self):
         _check(_is_number(self.tau) and 0 < self.tau < 1, "method.tau", "in (0, 1)", self.tau)
@@ -207,6 +222,8 @@ class ILQLConfig(_Section):
             _check(_is_number(value) and value >= 0, f"method.{name}", "a finite number >= 0", value)
         _positive_int("method", "steps_for_target_q_sync", self.steps_for_target_q_sync)
         _check(isinstance(self.two_qs, bool), "method.two_qs", "true or false", self.two_qs)
+        if self.chunk_size is not None:
+            _positive_int("method", "chunk_size", self.chunk_size)
         if not isinstance(self.gen_kwargs, dict):
             raise ConfigError(f"method.gen_kwargs must be a mapping, got {self.gen_kwargs!r}")
         for key, value in self.gen_kwargs.items():

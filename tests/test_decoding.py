@@ -1,0 +1,311 @@
+"""Decoding controls, search, statistics and the transformers integration (issue 4)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ilql import AutoModelForCausalLMWithILQLHeads, ConfigError
+from ilql.generation import Guide, check_gen_kwargs, penalize_repetitions, top_p_mask
+from ilql.logits_process import ILQLLogitsProcessor, hf_generate
+
+PAD = 22
+NO_EOS = 99  # an id outside the vocabulary: rows never finish early
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request, tiny_gpt2_config, tiny_llama_config):
+    torch.manual_seed(0)
+    config = tiny_gpt2_config if request.param == "gpt2" else tiny_llama_config
+    m = AutoModelForCausalLMWithILQLHeads.from_config(config)
+    with torch.no_grad():  # make the advantage matter: random heads with a larger scale
+        for p in m.ilql_heads.parameters():
+            p.mul_(3.0)
+    return m.eval()
+
+
+@pytest.fixture
+def gpt2(tiny_gpt2_config):
+    torch.manual_seed(0)
+    m = AutoModelForCausalLMWithILQLHeads.from_config(tiny_gpt2_config)
+    with torch.no_grad():
+        for p in m.ilql_heads.parameters():
+            p.mul_(3.0)
+    return m.eval()
+
+
+def left_pad(rows):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def gen(model, ids, **kw):
+    kw.setdefault("eos_token_id", NO_EOS)
+    kw.setdefault("pad_token_id", PAD)
+    kw.setdefault("max_new_tokens", 6)
+    return model.generate(ids, **kw)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ controls
+def test_tiny_top_p_is_greedy_and_top_p_one_is_plain_sampling(model):
+    ids, mask = left_pad([[1, 2, 3], [4, 5]])
+    greedy = gen(model, ids, attention_mask=mask, beta=2, temperature=0, top_k=0)
+    nucleus = gen(model, ids, attention_mask=mask, beta=2, temperature=1.5, top_k=0, top_p=1e-6, generator=seeded())
+    assert torch.equal(greedy, nucleus)
+    full = gen(model, ids, attention_mask=mask, beta=2, temperature=1.5, top_k=0, top_p=1.0, generator=seeded(5))
+    plain = gen(model, ids, attention_mask=mask, beta=2, temperature=1.5, top_k=0, generator=seeded(5))
+    assert torch.equal(full, plain)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_mask(logp, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_mask(logp, 0.81)).sum() == 3
+
+
+def test_sampling_never_leaves_the_nucleus(gpt2):
+    ids = torch.tensor([[1, 2, 3]] * 16)
+    guide = Guide(gpt2, beta=2)
+    out = gen(gpt2, ids, beta=2, top_k=0, top_p=0.3, max_new_tokens=1, generator=seeded(1))
+    hs, _ = gpt2.hidden_states(ids[:1])
+    scores, _ = guide(hs[:, -1], gpt2.lm_logits(hs[:, -1]))
+    allowed = torch.isfinite(top_p_mask(scores, 0.3))[0]
+    assert allowed.sum() < allowed.numel() and all(allowed[t] for t in out[:, -1].tolist())
+
+
+def test_min_new_tokens_delays_eos(model):
+    ids = torch.tensor([[1, 2, 3]])
+    eos = gen(model, ids, beta=0, temperature=0, max_new_tokens=1)[0, -1].item()  # greedy's first token
+    assert gen(model, ids, beta=0, temperature=0, eos_token_id=eos).shape[1] == 4  # EOS at once: stopped
+    late = gen(model, ids, beta=0, temperature=0, eos_token_id=eos, min_new_tokens=3)
+    assert eos not in late[0, 3:6].tolist() and late.shape[1] > 6
+
+
+def test_stop_string_stops_the_row_and_is_trimmed(tmp_path, gpt2, walks_tokenizer):
+    from ilql.trainer import trim_at_stop
+
+    tok = walks_tokenizer
+    ids = torch.tensor([[tok.convert_tokens_to_ids("b")]])
+    free = gen(gpt2, ids, beta=1, temperature=0, max_new_tokens=8)
+    text = tok.decode(free[0, 1:])
+    stop = text[3]  # the 4th generated character
+    out = gen(gpt2, ids, beta=1, temperature=0, max_new_tokens=8, stop_sequences=[stop], tokenizer=tok)
+    new = tok.decode(out[0, 1:], skip_special_tokens=True)
+    assert new == text[: text.index(stop) + 1] and out.shape[1] < free.shape[1]
+    assert trim_at_stop(new, [stop]) == text[: text.index(stop)]
+    with pytest.raises(ConfigError, match="tokenizer"):
+        gen(gpt2, ids, stop_sequences=[stop])
+
+
+def test_repetition_penalty_formula_and_effect(gpt2):
+    scores = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seqs = torch.tensor([[0, 1]])
+    assert penalize_repetitions(scores, seqs, 2.0).tolist() == [[1.0, -2.0, 0.5, -3.0]]
+    ids = torch.tensor([[1, 2, 3]])
+    free = gen(gpt2, ids, beta=0, temperature=0, max_new_tokens=12)
+    assert len(set(free[0, 3:].tolist())) < 12  # a tiny random LM repeats itself
+    penalized = gen(gpt2, ids, beta=0, temperature=0, max_new_tokens=12, repetition_penalty=1e6)
+    new = penalized[0, 3:].tolist()
+    assert len(set(new)) > len(set(free[0, 3:].tolist()))
+
+
+def test_advantage_clip_bounds_the_guidance(gpt2):
+    h = torch.randn(4, gpt2.ilql_heads.hidden_size)
+    logits = gpt2.lm_logits(h)
+    scores, adv = Guide(gpt2, beta=3, advantage_clip=0.1)(h, logits)
+    shift = scores - F.log_softmax(logits, -1)
+    assert shift.abs().max() <= 0.3 + 1e-5 and adv.abs().max() > 0.1
+    ids = torch.tensor([[1, 2, 3]])
+    clipped = gen(gpt2, ids, beta=50, advantage_clip=1e-9, temperature=0)
+    assert torch.equal(clipped, gen(gpt2, ids, beta=0, temperature=0))
+
+
+def test_sign_weighting_adds_plus_or_minus_beta(gpt2):
+    h = torch.randn(4, gpt2.ilql_heads.hidden_size)
+    logits = gpt2.lm_logits(h)
+    scores, adv = Guide(gpt2, beta=2, weighting="sign")(h, logits)
+    shift = scores - F.log_softmax(logits, -1)
+    torch.testing.assert_close(shift, 2 * torch.sign(adv))
+
+
+def test_filter_on_behaviour_keeps_the_behaviour_support(model):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    plain = gen(model, ids, beta=0, temperature=0)
+    guided = gen(model, ids, beta=1e3, temperature=0, top_k=0)
+    assert not torch.equal(plain, guided)
+    # top-1 of the behaviour policy leaves the advantage nothing to choose from
+    behaviour = gen(model, ids, beta=1e3, temperature=0.7, top_k=1, filter_on="behaviour", generator=seeded())
+    assert torch.equal(behaviour, plain)
+    # with top-k on the guided scores, the same k=1 follows the advantage instead
+    assert torch.equal(gen(model, ids, beta=1e3, temperature=0.7, top_k=1, generator=seeded()), guided)
+
+
+def test_behaviour_filter_evaluates_heads_only_at_candidates(gpt2):
+    h = torch.randn(3, gpt2.ilql_heads.hidden_size)
+    logits = gpt2.lm_logits(h)
+    sparse, _ = Guide(gpt2, beta=2, filter_on="behaviour", top_k=5)(h, logits)
+    full = F.log_softmax(logits, -1) + 2 * gpt2.ilql_heads.advantage(h)
+    kept = torch.isfinite(sparse)
+    assert kept.sum(-1).tolist() == [5, 5, 5]
+    torch.testing.assert_close(sparse[kept], full[kept])
+
+
+# -------------------------------------------------------------------------------- search
+def test_beam_width_one_is_greedy(model):
+    ids, mask = left_pad([[1, 2, 3], [4, 5]])
+    greedy = gen(model, ids, attention_mask=mask, beta=2, temperature=0, top_k=0, max_new_tokens=7)
+    beam = gen(model, ids, attention_mask=mask, beta=2, num_beams=1, temperature=0, top_k=0, max_new_tokens=7)
+    beam_explicit = __import__("ilql.search", fromlist=["x"]).beam_search(
+        model, ids, mask, num_beams=1, beta=2, max_new_tokens=7, pad_token_id=PAD, eos_token_id=NO_EOS
+    )
+    assert torch.equal(greedy, beam) and torch.equal(greedy, beam_explicit.sequences)
+
+
+def guided_logp(model, ids, beta):
+    hs, _ = model.hidden_states(ids)
+    h = hs[:, -1]
+    return F.log_softmax(Guide(model, beta)(h, model.lm_logits(h))[0], -1)
+
+
+def test_full_width_beam_search_is_exact_over_two_tokens(gpt2):
+    ids = torch.tensor([[1, 2, 3]])
+    vocab = gpt2.ilql_heads.vocab_size
+    first = guided_logp(gpt2, ids, 2)[0]
+    both = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+    total = first[:, None] + guided_logp(gpt2, both, 2)  # [first token, second token]
+    best = divmod(total.argmax().item(), vocab)
+    out = gen(gpt2, ids, beta=2, top_k=0, num_beams=vocab, max_new_tokens=2, return_dict=True)
+    assert tuple(out.sequences[0, 3:].tolist()) == best
+    greedy = gen(gpt2, ids, beta=2, top_k=0, temperature=0, max_new_tokens=2)[0, 3:].tolist()
+    assert total.max() >= total[greedy[0], greedy[1]]
+
+
+def test_best_of_n_picks_the_best_candidate(model):
+    from ilql.generation import sample
+
+    ids, mask = left_pad([[1, 2, 3], [4, 5]])
+    n = 4
+    kw = dict(beta=1, top_k=0, max_new_tokens=5, eos_token_id=NO_EOS, pad_token_id=PAD)
+    every = sample(model, ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), generator=seeded(2), **kw)
+    for rank_by, key in [("advantage", every.advantage), ("logprob", every.behaviour_logprob),
+                         ("mix", every.advantage + 0.5 * every.behaviour_logprob)]:
+        best = model.generate(ids, attention_mask=mask, best_of=n, rank_by=rank_by, rank_weight=0.5,
+                              generator=seeded(2), return_dict=True, **kw)
+        pick = key.view(2, n).argmax(-1) + torch.arange(2) * n
+        assert torch.equal(best.sequences, every.sequences[pick])
+        torch.testing.assert_close(best.advantage, every.advantage[pick])
+    assert len({tuple(r) for r in every.sequences[:n].tolist()}) > 1  # the candidates differ
+
+
+# ---------------------------------------------------------------------------- statistics
+def reference_stats(model, seqs, prompt_len):
+    """Summed advantage and behaviour log-prob of the generated tokens, from one forward."""
+    hs, _ = model.hidden_states(seqs)
+    h = hs[:, prompt_len - 1 : -1]
+    actions = seqs[:, prompt_len:, None]
+    logp = F.log_softmax(model.lm_logits(h), -1).gather(-1, actions).squeeze(-1).sum(-1)
+    adv = model.ilql_heads.advantage(h).gather(-1, actions).squeeze(-1).sum(-1)
+    return adv, logp
+
+
+def test_reported_statistics_match_a_full_forward(model):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for beta in (0, 2):
+        out = gen(model, ids, beta=beta, top_k=5, generator=seeded(), return_dict=True)
+        adv, logp = reference_stats(model, out.sequences, 3)
+        torch.testing.assert_close(out.advantage, adv, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.behaviour_logprob, logp, rtol=1e-4, atol=1e-4)
+        assert out.num_new_tokens.tolist() == [6, 6]
+
+
+def test_kl_is_zero_for_the_behaviour_policy_and_grows_with_beta(model):
+    ids = torch.tensor([[1, 2, 3]] * 8)
+    kls = []
+    for beta in (0, 1, 8):
+        out = gen(model, ids, beta=beta, top_k=0, generator=seeded(), return_dict=True)
+        kls.append(out.kl.mean().item())
+    assert abs(kls[0]) < 1e-5 and 0 < kls[1] < kls[2]
+    greedy = gen(model, ids, beta=1, temperature=0, return_dict=True)
+    torch.testing.assert_close(greedy.kl, -greedy.behaviour_logprob)
+
+
+# ------------------------------------------------------------------ transformers generate
+@pytest.mark.parametrize("settings", [
+    dict(do_sample=True, top_k=5),
+    dict(do_sample=True, temperature=0.7, top_k=0, top_p=0.8, repetition_penalty=1.3, min_new_tokens=4),
+    dict(do_sample=False),
+])
+def test_logits_processor_path_equals_ilql_generate(model, settings):
+    ids, mask = left_pad([[1, 2, 3, 4], [5, 6]])
+    with torch.no_grad():  # a reachable EOS: exercise padding after it
+        model.base_model.get_output_embeddings().weight[7].mul_(3)
+    ours_kw = dict(temperature=settings.get("temperature", 1.0) if settings["do_sample"] else 0,
+                   top_k=settings.get("top_k", 0), top_p=settings.get("top_p"),
+                   repetition_penalty=settings.get("repetition_penalty", 1.0),
+                   min_new_tokens=settings.get("min_new_tokens", 0))
+    torch.manual_seed(11)
+    ours = model.generate(ids, attention_mask=mask, beta=2, max_new_tokens=8, eos_token_id=7, pad_token_id=PAD,
+                          **ours_kw)
+    torch.manual_seed(11)
+    theirs = hf_generate(model, ids, beta=2, attention_mask=mask, max_new_tokens=8, eos_token_id=7,
+                         pad_token_id=PAD, **settings)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
+    assert theirs.shape[1] == ours.shape[1] or set(theirs[:, ours.shape[1]:].flatten().tolist()) <= {PAD}
+    torch.manual_seed(11)  # and the guidance did change what plain transformers would do
+    plain = model.base_model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=7, pad_token_id=PAD,
+                                      **settings)
+    assert not torch.equal(plain, theirs)
+
+
+def test_logits_processor_with_behaviour_filter_and_streamer(gpt2):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    ids = torch.tensor([[1, 2, 3]])
+    torch.manual_seed(4)
+    ours = gen(gpt2, ids, beta=3, top_k=4, filter_on="behaviour", temperature=0.9, max_new_tokens=5)
+    streamer = Collect()
+    with ILQLLogitsProcessor(gpt2, beta=3, behaviour_top_k=4) as guided:
+        torch.manual_seed(4)
+        theirs = gpt2.base_model.generate(ids, logits_processor=[guided], do_sample=True, temperature=0.9, top_k=0,
+                                          max_new_tokens=5, eos_token_id=NO_EOS, pad_token_id=PAD,
+                                          streamer=streamer)
+    assert torch.equal(ours, theirs)
+    assert sum(streamer.chunks[1:-1], []) == theirs[0, 3:].tolist() and streamer.chunks[-1] == "end"
+    assert guided._handle is None  # the hook is gone
+
+
+# ---------------------------------------------------------------------------- validation
+def test_bad_decoding_arguments_name_the_key(gpt2):
+    from ilql.config import ILQLConfig
+
+    ids = torch.tensor([[1, 2]])
+    for bad, match in [(dict(top_p=0), "top_p"), (dict(temperature=-1), "temperature"),
+                       (dict(weighting="linear"), "weighting"), (dict(num_beams=0), "num_beams"),
+                       (dict(filter_on="both"), "filter_on"), (dict(repetition_penalty=0), "repetition_penalty")]:
+        with pytest.raises(ConfigError, match=match):
+            gpt2.generate(ids, **bad)
+    with pytest.raises(ConfigError, match="method.gen_kwargs.top_p"):
+        ILQLConfig(gen_kwargs=dict(top_p=[0.9, 1.5]))
+    with pytest.raises(ConfigError, match="method.gen_kwargs.topp"):
+        ILQLConfig(gen_kwargs=dict(topp=0.9))
+    ILQLConfig(gen_kwargs=dict(beta=[0, 1], top_p=0.9, stop_sequences=["\n"], num_beams=2))
+    check_gen_kwargs(dict(stop_sequences=[["a"], ["b", "c"]]), sweep=True)

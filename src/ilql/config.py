@@ -229,6 +229,9 @@ class ILQLConfig(_Section):
         for key, value in self.gen_kwargs.items():
             if isinstance(value, (list, tuple)) and len(value) == 0:
                 raise ConfigError(f"method.gen_kwargs.{key} is an empty list; give at least one value")
+        from .generation import check_gen_kwargs  # lazy: keeps torch out of config import time
+
+        check_gen_kwargs(self.gen_kwargs, prefix="method.gen_kwargs", sweep=True)
 
 
 _SECTION_NAMES = {

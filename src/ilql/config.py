@@ -156,6 +156,10 @@ class TrainConfig(_Section):
     # how many non-finite steps in a row are skipped before training stops with an error
     keep_last_checkpoints: Optional[int] = 3
     max_nonfinite_steps: int = 10
+    # data: batches of similar-length episodes (less padding), and a directory where tokenized
+    # episodes are cached, keyed by data + tokenizer + settings (None: no cache)
+    group_by_length: bool = False
+    data_cache_dir: Optional[str] = None
     # speed: "bf16" autocasts the model's matmuls (losses stay float32); compile runs the trunk
     # through torch.compile; statistics are copied to the host (a sync) every log_interval steps
     mixed_precision: str = "no"
@@ -173,6 +177,9 @@ class TrainConfig(_Section):
         if self.keep_last_checkpoints is not None:
             _positive_int("train", "keep_last_checkpoints", self.keep_last_checkpoints)
         _positive_int("train", "max_nonfinite_steps", self.max_nonfinite_steps)
+        _check(isinstance(self.group_by_length, bool), "train.group_by_length", "true or false", self.group_by_length)
+        ok = self.data_cache_dir is None or isinstance(self.data_cache_dir, str)
+        _check(ok, "train.data_cache_dir", "None or a directory path", self.data_cache_dir)
         ok = self.mixed_precision in MIXED_PRECISIONS
         _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
         _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)

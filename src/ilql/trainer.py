@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
-from .data import Episode, ILQLCollator, make_episodes, validate_prompts, validate_samples
+from .data import Episode, ILQLCollator, build_loader, make_episodes, validate_prompts, validate_samples
 from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
@@ -152,12 +152,8 @@ class ILQLTrainer:
         self.stop_sequences = list(stop_sequences or [])
         self.logit_mask = None if logit_mask is None else logit_mask.to(self.device)
         self.generator = torch.Generator().manual_seed(config.train.seed)
-        self.loader = DataLoader(
-            episodes,
-            batch_size=config.train.batch_size,
-            shuffle=True,
-            collate_fn=ILQLCollator(tokenizer.pad_token_id),
-            generator=self.generator,
+        self.loader = build_loader(
+            episodes, config.train.batch_size, tokenizer.pad_token_id, self.generator, config.train.group_by_length
         )
         self.total_steps = min(config.train.epochs * len(self.loader), config.train.total_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -557,13 +553,19 @@ def train(
     stop_sequences: Optional[Sequence[str]] = None,
     logit_mask: Optional[torch.Tensor] = None,
     resume_from_checkpoint: Optional[Union[str, os.PathLike]] = None,
+    columns: Optional[Dict[str, str]] = None,
 ) -> ILQLTrainer:
     """Train a causal LM with ILQL on `samples` labelled with `rewards`; returns the trainer.
 
     model_path: a local transformers directory, or a `transformers.PretrainedConfig` to train
         from scratch (default: ``config.model.model_path``).
     samples: strings, ``[prompt, completion]`` pairs or ``[prompt, output, prompt, output, ...]``
-        dialogues; rewards: one finite number per sample. ``dataset=(samples, rewards)`` works too.
+        dialogues; rewards: one per sample: a finite number (on the last action), a list with one
+        number per output segment (per-turn), or `ilql.TokenRewards` (one per output token).
+    dataset: instead of samples/rewards: a ``(samples, rewards)`` pair, a path to a JSONL, CSV or
+        Parquet file, a `datasets.Dataset`, or a list of records such as preference triples
+        ``{"prompt", "chosen", "rejected"}`` (see `ilql.sources` for the column conventions);
+        `columns` renames the columns, e.g. ``{"text": "review", "reward": "score"}``.
     eval_prompts, metric_fn: evaluation; ``metric_fn(samples=..., prompts=..., outputs=...)``
         returns a dict of lists whose means are logged per gen_kwargs setting.
     stop_sequences: generated outputs are cut at the first of these.
@@ -586,10 +588,12 @@ def train(
         )
     if dataset is not None:
         if samples is not None or rewards is not None:
-            raise ConfigError("give either dataset=(samples, rewards) or samples= and rewards=, not both")
-        if not isinstance(dataset, (tuple, list)) or len(dataset) != 2:
-            raise DataTypeError("dataset must be a (samples, rewards) pair")
-        samples, rewards = dataset
+            raise ConfigError("give either dataset= or samples= and rewards=, not both")
+        from .sources import resolve_dataset
+
+        samples, rewards = resolve_dataset(dataset, columns)
+    elif columns is not None:
+        raise ConfigError("columns= names the columns of dataset=; it has no meaning with samples=")
     if samples is None or rewards is None:
         raise DataError("train() needs samples= and rewards= (one reward per sample)")
     validate_samples(samples, rewards)
@@ -604,7 +608,8 @@ def train(
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
     episodes = make_episodes(
-        samples, rewards, tokenizer, config.train.seq_length, standardize_rewards=config.method.standardize_rewards
+        samples, rewards, tokenizer, config.train.seq_length, standardize_rewards=config.method.standardize_rewards,
+        cache_dir=config.train.data_cache_dir,
     )
     model = load_model(model_path if model_path is not None else config.model.model_path, config)
     vocab = model.ilql_heads.vocab_size

@@ -10,11 +10,13 @@ from .config import (
     TRLConfig,
     default_ilql_config,
 )
-from .data import ILQLBatch, make_episodes
+from .data import EpisodeStore, ILQLBatch, TokenRewards, make_episodes
 from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
 from .heads import ILQLHeads
 from .loss import ilql_loss
 from .modeling import AutoModelForCausalLMWithILQLHeads
+from .preferences import preferences
+from .sources import load_file
 from .trainer import ILQLTrainer, train
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataTypeError",
+    "EpisodeStore",
     "ILQLBatch",
     "ILQLConfig",
     "ILQLError",
@@ -35,9 +38,12 @@ __all__ = [
     "TokenizerConfig",
     "TrainConfig",
     "TrainingError",
+    "TokenRewards",
     "TRLConfig",
     "default_ilql_config",
     "ilql_loss",
+    "load_file",
     "make_episodes",
+    "preferences",
     "train",
 ]

@@ -309,3 +309,50 @@ def test_bad_decoding_arguments_name_the_key(gpt2):
         ILQLConfig(gen_kwargs=dict(topp=0.9))
     ILQLConfig(gen_kwargs=dict(beta=[0, 1], top_p=0.9, stop_sequences=["\n"], num_beams=2))
     check_gen_kwargs(dict(stop_sequences=[["a"], ["b", "c"]]), sweep=True)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def test_evaluation_logs_kl_per_beta_and_honours_stop_sequences(tmp_path, saved_tokenizer, tiny_gpt2_config, capsys):
+    import ilql
+    from ilql.tasks.randomwalks import generate_random_walks
+
+    walks = generate_random_walks(n_walks=16, seed=1002)
+    seen = []
+
+    def metric_fn(samples, prompts, outputs, **kw):
+        seen.append(outputs)
+        return walks.metric(samples)
+
+    config = ilql.default_ilql_config().evolve(
+        train=dict(seq_length=11, batch_size=8, total_steps=1, eval_interval=1, checkpoint_interval=1,
+                   checkpoint_dir=str(tmp_path / "ckpts"), progress_bar=False, save_best=False),
+        tokenizer=dict(tokenizer_path=saved_tokenizer),
+        method=dict(gen_kwargs=dict(max_new_tokens=6, top_k=0, beta=[0, 5], stop_sequences=["c", "d"])),
+    )
+    trainer = ilql.train(model_path=tiny_gpt2_config, samples=walks.samples, rewards=walks.rewards,
+                         eval_prompts=walks.eval_prompts[:6], metric_fn=metric_fn, config=config)
+    record = [r for r in trainer.history if "eval/kl@beta=0" in r][-1]
+    assert abs(record["eval/kl@beta=0"]) < 1e-4 < record["eval/kl@beta=5"]
+    assert "metrics/optimality@beta=5" in record and len(seen) == 2  # stop_sequences is no sweep
+    assert all("c" not in o and "d" not in o for outputs in seen for o in outputs)
+    assert "metric vs KL" in capsys.readouterr().out
+
+
+def test_cli_generate_with_decoding_flags(tmp_path, gpt2, walks_tokenizer, capsys):
+    from ilql.cli import main
+
+    gpt2.save_pretrained(tmp_path / "m")
+    walks_tokenizer.save_pretrained(tmp_path / "m")
+    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "b", "e", "--max-new-tokens", "6",
+            "--temperature", "0", "--top-k", "0", "--beta", "2"]
+    assert main(base) == 0
+    greedy = capsys.readouterr().out.splitlines()
+    assert len(greedy) == 2 and greedy[0].startswith("b")
+    assert main(base + ["--num-beams", "1", "--stats"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == greedy[0] and "kl=" in lines[1] and "advantage=" in lines[1]
+    stop = greedy[0][3]  # the third generated character
+    assert main(base + ["--stop", stop]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == greedy[0][: greedy[0].index(stop, 1)]
+    assert main(base + ["--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -80,25 +80,35 @@ def generate_command(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from .generation import check_gen_kwargs
     from .modeling import AutoModelForCausalLMWithILQLHeads
+    from .trainer import trim_at_stop
 
-    torch.manual_seed(args.seed)
+    gen_kwargs = dict(
+        beta=args.beta, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, advantage_clip=args.advantage_clip,
+        weighting=args.weighting, filter_on=args.filter_on, num_beams=args.num_beams, best_of=args.best_of,
+        rank_by=args.rank_by, rank_weight=args.rank_weight, stop_sequences=args.stop,
+    )
+    check_gen_kwargs(gen_kwargs, prefix="ilql generate")  # bad flags fail before the model loads
     model = AutoModelForCausalLMWithILQLHeads.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    generator = torch.Generator().manual_seed(args.seed)
     for prompt in args.prompt:
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
-            ids = torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]])
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            ids = torch.tensor([[start]])
         out = model.generate(
-            ids,
-            beta=args.beta,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            ids, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+            generator=generator, return_dict=True, **gen_kwargs,
         )
-        print(prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+        print(prompt + trim_at_stop(text, args.stop))
+        if args.stats:
+            print(f"  advantage={out.advantage[0]:.4f}  behaviour_logprob={out.behaviour_logprob[0]:.4f}  "
+                  f"kl={out.kl[0]:.4f}  new_tokens={int(out.num_new_tokens[0])}")
     return 0
 
 
@@ -129,10 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="guided generation from a saved model")
     gen.add_argument("--model", required=True, help="a directory written by ilql (model + tokenizer)")
     gen.add_argument("--prompt", nargs="+", required=True)
-    gen.add_argument("--beta", type=float, default=1.0)
+    gen.add_argument("--beta", type=float, default=1.0, help="weight of the advantage (0 = the plain LM)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=20)
+    gen.add_argument("--top-k", type=int, default=20, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--filter-on", choices=["guided", "behaviour"], default="guided",
+                     help="apply top-k/top-p after adding the advantage (trlx) or on the behaviour policy (ILQL)")
+    gen.add_argument("--weighting", choices=["exp", "sign"], default="exp",
+                     help="guidance beta*A (exp) or beta*sign(A) (sign)")
+    gen.add_argument("--advantage-clip", type=float, default=None, help="clip A to [-c, c]")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--stop", nargs="+", default=None, metavar="STRING", help="stop strings (trimmed from outputs)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search over the guided scores")
+    gen.add_argument("--best-of", type=int, default=1, help="draw N samples, keep the best by --rank-by")
+    gen.add_argument("--rank-by", choices=["advantage", "logprob", "mix"], default="advantage")
+    gen.add_argument("--rank-weight", type=float, default=1.0, help="mix: advantage + w * logprob")
+    gen.add_argument("--stats", action="store_true", help="print summed advantage, behaviour log-prob and KL")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)
     return parser

@@ -90,7 +90,7 @@ class RowError(Exception):
 # ------------------------------------------------------------------------------ one row
 def _present(row: Dict[str, Any], name: str) -> bool:
     value = row.get(name)
-    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _string(row, name: str, output: bool) -> str:
@@ -204,13 +204,13 @@ def row_to_samples(
             if name not in row or row[name] is None:
                 raise RowError(name, "prompt and completion go together", missing=True)
         sample = [_string(row, c.prompt, output=False), _string(row, c.completion, output=True)]
-    elif c.text in row:
+    elif _present(row, c.text):
         sample = _string(row, c.text, output=True)
     else:
         raise RowError(
             None,
             f"expected column {c.text!r}, {c.prompt!r}+{c.completion!r}, {c.messages!r}, {c.dialogue!r} or "
-            f"{c.prompt!r}+{c.chosen!r}+{c.rejected!r}; the row has {sorted(row)}",
+            f"{c.prompt!r}+{c.chosen!r}+{c.rejected!r}; the row has values in {sorted(k for k in row if _present(row, k))}",
         )
     n_outputs = 1 if isinstance(sample, str) else len(sample) // 2
 

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine_annealing", "linear", "constant")
+STRATEGIES = ("none", "ddp", "fsdp", "tp")  # train.strategy; see ilql.parallel
 MIXED_PRECISIONS = ("no", "bf16")
 
 
@@ -165,6 +166,11 @@ class TrainConfig(_Section):
     mixed_precision: str = "no"
     compile: bool = False
     log_interval: int = 1
+    # scale-out (see ilql.parallel and docs/distributed.md): "none", "ddp", "fsdp" (FSDP2; with
+    # cpu_offload its parameters and optimizer states live on the CPU) or "tp" (vocabulary-
+    # parallel heads); launch with torchrun for anything but "none"
+    strategy: str = "none"
+    cpu_offload: bool = False
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -180,6 +186,9 @@ class TrainConfig(_Section):
         _check(isinstance(self.group_by_length, bool), "train.group_by_length", "true or false", self.group_by_length)
         ok = self.data_cache_dir is None or isinstance(self.data_cache_dir, str)
         _check(ok, "train.data_cache_dir", "None or a directory path", self.data_cache_dir)
+        _check(self.strategy in STRATEGIES, "train.strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
+        _check(isinstance(self.cpu_offload, bool), "train.cpu_offload", "true or false", self.cpu_offload)
+        _check(not self.cpu_offload or self.strategy == "fsdp", "train.cpu_offload", "false unless train.strategy is 'fsdp'", self.cpu_offload)
         ok = self.mixed_precision in MIXED_PRECISIONS
         _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
         _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)

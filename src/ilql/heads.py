@@ -36,6 +36,8 @@ def head_at_actions(head: nn.Sequential, hs: torch.Tensor, actions: torch.Tensor
     The last layer is linear, so the value of one action is a dot product with one row of its
     weight: O(hidden) per position instead of O(hidden * vocab)."""
     h, last = head_body(head, hs)
+    if hasattr(last, "at_actions"):  # a vocabulary-parallel layer (ilql.parallel) picks its own rows
+        return last.at_actions(h, actions)
     weight = last.weight[actions]  # [..., 2h]
     out = (h.unsqueeze(-2) @ weight.unsqueeze(-1)).squeeze(-1).squeeze(-1)
     return out + last.bias[actions] if last.bias is not None else out

@@ -32,6 +32,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
 from .modeling import AutoModelForCausalLMWithILQLHeads
+from .parallel import Parallel
 
 MetricFn = Callable[..., Dict[str, Any]]
 
@@ -145,8 +146,10 @@ class ILQLTrainer:
     ):
         self.config = config
         self.tokenizer = tokenizer
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device)
+        # torch.distributed (train.strategy): device, model wrapping, data shards, rank 0 writes
+        self.parallel = Parallel.from_config(config)
+        self.device = self.parallel.device
+        self.model = self.parallel.wrap(model)
         self.eval_prompts = list(eval_prompts)
         self.metric_fn = metric_fn
         self.stop_sequences = list(stop_sequences or [])
@@ -155,6 +158,7 @@ class ILQLTrainer:
         self.loader = build_loader(
             episodes, config.train.batch_size, tokenizer.pad_token_id, self.generator, config.train.group_by_length
         )
+        self.loader = self.parallel.shard_loader(self.loader)
         self.total_steps = min(config.train.epochs * len(self.loader), config.train.total_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, config)
@@ -184,7 +188,7 @@ class ILQLTrainer:
             tau=m.tau, gamma=m.gamma, cql_scale=m.cql_scale, awac_scale=m.awac_scale, beta=m.beta,
         )
         with training_autocast(self.device, train.mixed_precision):
-            if m.chunk_size is not None:
+            if m.chunk_size is not None and self.parallel.strategy != "tp":
                 inputs = self.model.loss_inputs(
                     batch.input_ids, batch.attention_mask, batch.actions_ixs, batch.states_ixs, batch.actions
                 )
@@ -196,11 +200,13 @@ class ILQLTrainer:
                 states_ixs=batch.states_ixs,
                 actions=batch.actions,
             )
+            out, hparams["actions"] = self.parallel.vocab_reduce(out, batch.actions)  # "tp" only
             return ilql_loss(logits=out.logits, qs=out.qs, target_qs=out.target_qs, vs=out.vs, **hparams)
 
     def train_step(self, batch) -> Dict[str, float]:
         self.model.train()  # dropout on for every step, whatever evaluation did before
         loss, stats = self.loss(batch.to(self.device))
+        loss, stats = self.parallel.global_mean(loss, stats, batch.dones)  # data parallel: global-batch means
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self._skip_nonfinite(loss, stats):
@@ -294,6 +300,8 @@ class ILQLTrainer:
 
     def _log(self, record: Dict[str, Any]) -> None:
         self.history.append(record)
+        if not self.parallel.is_main:
+            return
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -339,7 +347,8 @@ class ILQLTrainer:
         examples = []
         score = -math.inf
         for suffix, kwargs in gen_kwargs_sweep(self.config.method.gen_kwargs):
-            outputs = self.generate_texts(self.eval_prompts, **kwargs)
+            with self.parallel.generation_context(self.model):  # each data-parallel rank decodes its share
+                outputs = self.parallel.gather(self.generate_texts(self.parallel.split(self.eval_prompts), **kwargs))
             samples = [p + o for p, o in zip(self.eval_prompts, outputs)]
             metrics = self.metric_fn(samples=samples, prompts=list(self.eval_prompts), outputs=outputs)
             if not isinstance(metrics, dict) or not metrics:
@@ -361,6 +370,8 @@ class ILQLTrainer:
         return results
 
     def _print_eval(self, results, examples, metric_name) -> None:
+        if not self.parallel.is_main:
+            return
         from rich.console import Console
         from rich.table import Table
 

@@ -306,12 +306,22 @@ class ILQLTrainer:
             f.write(json.dumps(record) + "\n")
 
     # ---------------------------------------------------------------------------- evaluation
-    def generate_texts(self, prompts: Sequence[str], **gen_kwargs) -> List[str]:
+    def generate_texts(self, prompts: Sequence[str], return_kl: bool = False, **gen_kwargs):
         """Guided generation for a list of prompts; returns the decoded outputs, trimmed at
-        the first stop sequence."""
+        the first stop sequence (the trainer's and any in `gen_kwargs`), and with
+        ``return_kl=True`` also each sample's estimated KL to the behaviour policy."""
         batch_size = self.config.train.eval_batch_size or self.config.train.batch_size
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-        outputs = []
+        stops = list(dict.fromkeys(self.stop_sequences + list(gen_kwargs.pop("stop_sequences", None) or [])))
+        call = dict(
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            logit_mask=self.logit_mask,
+            stop_sequences=stops or None,
+            tokenizer=self.tokenizer,
+        )
+        call.update(gen_kwargs, return_dict=True)
+        outputs, kls = [], []
         for i in range(0, len(prompts), batch_size):
             encoded = [self.tokenizer(p, add_special_tokens=False).input_ids or [bos] for p in prompts[i : i + batch_size]]
             width = max(map(len, encoded))
@@ -320,18 +330,13 @@ class ILQLTrainer:
             for row, tokens in enumerate(encoded):  # left padding
                 ids[row, width - len(tokens) :] = torch.tensor(tokens)
                 mask[row, width - len(tokens) :] = 1
-            new = self.model.generate(
-                ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                logit_mask=self.logit_mask,
-                generator=self._eval_generator(),
-                **gen_kwargs,
-            )[:, width:]
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            outputs.extend(trim_at_stop(t, self.stop_sequences) for t in texts)
-        return outputs
+            out = self.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device), generator=self._eval_generator(), **call
+            )
+            texts = self.tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
+            outputs.extend(trim_at_stop(t, stops) for t in texts)
+            kls.extend(out.kl.tolist())
+        return (outputs, kls) if return_kl else outputs
 
     def _eval_generator(self) -> torch.Generator:
         # its own stream, so that evaluation never moves the training RNG
@@ -346,9 +351,16 @@ class ILQLTrainer:
         results: Dict[str, float] = {}
         examples = []
         score = -math.inf
-        for suffix, kwargs in gen_kwargs_sweep(self.config.method.gen_kwargs):
+        gen_kwargs = dict(self.config.method.gen_kwargs)
+        stops = gen_kwargs.get("stop_sequences")
+        if stops and not isinstance(stops[0], (list, tuple)):  # one list of stop strings, not a sweep
+            gen_kwargs.pop("stop_sequences")
+        for suffix, kwargs in gen_kwargs_sweep(gen_kwargs):
+            if "stop_sequences" not in kwargs and stops and not isinstance(stops[0], (list, tuple)):
+                kwargs["stop_sequences"] = stops
             with self.parallel.generation_context(self.model):  # each data-parallel rank decodes its share
-                outputs = self.parallel.gather(self.generate_texts(self.parallel.split(self.eval_prompts), **kwargs))
+                texts, kls = self.generate_texts(self.parallel.split(self.eval_prompts), return_kl=True, **kwargs)
+                outputs, kls = self.parallel.gather(texts), self.parallel.gather(kls)
             samples = [p + o for p, o in zip(self.eval_prompts, outputs)]
             metrics = self.metric_fn(samples=samples, prompts=list(self.eval_prompts), outputs=outputs)
             if not isinstance(metrics, dict) or not metrics:
@@ -356,6 +368,8 @@ class ILQLTrainer:
             tag = f"@{suffix}" if suffix else ""
             for name, values in metrics.items():
                 results[f"metrics/{name}{tag}"] = _mean(values, name)
+            # the price of the metric: estimated KL(guided || behaviour policy) per sample
+            results[f"eval/kl{tag}"] = _mean(kls, "kl")
             best_name = self.config.train.best_metric or next(iter(metrics))
             if best_name in metrics:
                 score = max(score, _mean(metrics[best_name], best_name))
@@ -382,6 +396,16 @@ class ILQLTrainer:
             table.add_row(*[r[:80] for r in row])
         console = Console()
         console.print(table)
+        # reward/KL trade-off: one row per gen_kwargs setting
+        trade = Table(title="metric vs KL to the behaviour policy")
+        for column in ("setting", metric_name, "KL"):
+            trade.add_column(column, justify="right")
+        for key, kl in results.items():
+            if key.startswith("eval/kl"):
+                tag = key[len("eval/kl"):]
+                value = results.get(f"metrics/{metric_name}{tag}", float("nan"))
+                trade.add_row(tag.lstrip("@") or "-", f"{value:.4f}", f"{kl:.4f}")
+        console.print(trade)
         console.print("  ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
     # ---------------------------------------------------------------------------- checkpoints

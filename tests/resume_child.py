@@ -1,20 +1,25 @@
-"""Child process of tests/test_resume.py: a tiny randomwalks training run in WORKDIR.
+"""Driver process of tests/test_resume.py (not collected by pytest).
 
-Usage: python resume_child.py WORKDIR [--resume]. With ILQL_FAULT_INJECT=point:step set, the
-run SIGKILLs itself at that point (see ilql.checkpoint.fault_point). Not collected by pytest.
+Usage: python resume_child.py ROOT. Imports ilql once, then runs each training in a forked
+child (one import instead of four): an uninterrupted reference run in ROOT/reference, and in
+ROOT/crashed a run that SIGKILLs itself after step 6, a resume that SIGKILLs itself while
+writing checkpoint 8 (ILQL_FAULT_INJECT, see ilql.checkpoint.fault_point) and a final resume.
+Prints a JSON report of exit statuses and of the checkpoints seen between the runs.
 """
 
+import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
 
 import ilql  # noqa: E402
+from ilql import checkpoint as ckpt  # noqa: E402
 from ilql.tasks.randomwalks import build_tokenizer, generate_random_walks  # noqa: E402
 
 TOTAL_STEPS = 12
@@ -35,10 +40,10 @@ def config(workdir: str) -> ilql.TRLConfig:
     )
 
 
-def main() -> None:
-    workdir, resume = sys.argv[1], "--resume" in sys.argv[2:]
+def train_once(workdir: str, resume: bool) -> None:
     from transformers import GPT2Config
 
+    torch.set_num_threads(1)
     task = generate_random_walks(n_walks=40, seed=3)  # 40 walks / batch 16: 3 batches an epoch
     tokenizer = build_tokenizer(task.n_nodes)
     tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
@@ -56,6 +61,55 @@ def main() -> None:
         config=config(workdir),
         resume_from_checkpoint="latest" if resume else None,
     )
+
+
+def in_child(workdir: str, resume: bool = False, fault: str = None) -> int:
+    """Run one training in a forked child; its exit status, negative for a signal."""
+    log = os.path.join(workdir, f"log-{fault or 'done'}.txt")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.pop(ckpt.FAULT_ENV, None)
+            if fault:
+                os.environ[ckpt.FAULT_ENV] = fault
+            train_once(workdir, resume)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def checkpoints_seen(workdir: str) -> dict:
+    root = os.path.join(workdir, "ckpts")
+    return {
+        "steps": [step for step, _ in ckpt.list_checkpoints(root)],
+        "partial": len(ckpt.partial_checkpoints(root)),
+        "problems": {p.name: ckpt.verify_checkpoint(p) for _, p in ckpt.list_checkpoints(root)},
+    }
+
+
+def main() -> None:
+    root = sys.argv[1]
+    reference, crashed = os.path.join(root, "reference"), os.path.join(root, "crashed")
+    os.makedirs(reference), os.makedirs(crashed)
+    report = {"reference": in_child(reference)}
+    report["after_step"] = in_child(crashed, fault="after_step:6")
+    report["after_step_seen"] = checkpoints_seen(crashed)
+    report["mid_save"] = in_child(crashed, resume=True, fault="mid_save:8")
+    report["mid_save_seen"] = checkpoints_seen(crashed)
+    report["final"] = in_child(crashed, resume=True)
+    with open(os.path.join(crashed, "log-done.txt"), encoding="utf-8") as f:
+        report["final_log"] = f.read()[-4000:]
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

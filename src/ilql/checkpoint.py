@@ -99,6 +99,7 @@ def write_checkpoint_dir(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make published checkpoints private
         write_files(tmp)
         fault_point("mid_save", step)
         write_json_atomic(tmp / MANIFEST, build_manifest(tmp, step, kind))

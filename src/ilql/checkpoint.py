@@ -289,6 +289,11 @@ def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
 def dataset_fingerprint(episodes) -> str:
     """A digest of the prepared episodes: resuming on other data cannot be exact."""
     digest = hashlib.sha256()
+    if hasattr(episodes, "arrays"):  # an EpisodeStore: hash its flat arrays, no per-episode loop
+        for name, array in sorted(episodes.arrays().items()):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
     for e in episodes:
         for array in (e.input_ids, e.actions_ixs, e.rewards):
             digest.update(np.ascontiguousarray(array).tobytes())

@@ -90,6 +90,16 @@ def test_min_new_tokens_delays_eos(model):
     assert eos not in late[0, 3:6].tolist() and late.shape[1] > 6
 
 
+def test_any_of_several_eos_ids_ends_a_row(model):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = gen(model, ids, beta=1, temperature=0)
+    eos = [free[0, 4].item(), free[1, 3].item()]  # row 0's second and row 1's first new token
+    out = gen(model, ids, beta=1, temperature=0, eos_token_id=eos)
+    assert out[1, 3].item() == eos[1] and set(out[1, 4:].tolist()) <= {PAD}
+    first_eos = next(i for i, t in enumerate(out[0, 3:].tolist()) if t in eos)
+    assert first_eos <= 1 and set(out[0, 4 + first_eos:].tolist()) <= {PAD}
+
+
 def test_stop_string_stops_the_row_and_is_trimmed(tmp_path, gpt2, walks_tokenizer):
     from ilql.trainer import trim_at_stop
 
@@ -219,8 +229,10 @@ def reference_stats(model, seqs, prompt_len):
 
 def test_reported_statistics_match_a_full_forward(model):
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    for beta in (0, 2):
-        out = gen(model, ids, beta=beta, top_k=5, generator=seeded(), return_dict=True)
+    settings = [dict(beta=0, top_k=5), dict(beta=2, top_k=5), dict(beta=2, top_k=5, filter_on="behaviour"),
+                dict(beta=2, top_k=0, top_p=0.9, filter_on="behaviour")]
+    for kw in settings:
+        out = gen(model, ids, generator=seeded(), return_dict=True, **kw)
         adv, logp = reference_stats(model, out.sequences, 3)
         torch.testing.assert_close(out.advantage, adv, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.behaviour_logprob, logp, rtol=1e-4, atol=1e-4)

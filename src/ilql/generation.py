@@ -23,7 +23,7 @@ with a KV cache; in behaviour-filter mode the Q heads run only at the kept candi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,10 @@ _CHECKS = {
         lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v)),
         "None or a list of non-empty strings",
     ),
-    "eos_token_id": (lambda v: v is None or _is_int(v), "None or a token id"),
+    "eos_token_id": (
+        lambda v: v is None or _is_int(v) or (isinstance(v, (list, tuple)) and v and all(map(_is_int, v))),
+        "None, a token id or a list of token ids",
+    ),
     "pad_token_id": (lambda v: v is None or _is_int(v), "None or a token id"),
     "return_dict": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -143,11 +146,28 @@ def penalize_repetitions(scores: torch.Tensor, sequences: torch.Tensor, penalty:
     return torch.where(seen, penalized, scores)
 
 
-def forbid_eos(scores: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
-    if eos_token_id is None or not 0 <= eos_token_id < scores.shape[-1]:
+def forbid_eos(scores: torch.Tensor, eos_ids: Union[None, int, Sequence[int]]) -> torch.Tensor:
+    """Set the scores of every EOS id (ids outside the vocabulary are ignored) to -inf."""
+    eos_ids = [i for i in _as_tuple(eos_ids) if 0 <= i < scores.shape[-1]]
+    if not eos_ids:
         return scores
     vocab = torch.arange(scores.shape[-1], device=scores.device)
-    return torch.where(vocab == eos_token_id, float("-inf"), scores)
+    return torch.where(torch.isin(vocab, torch.tensor(eos_ids, device=scores.device)), float("-inf"), scores)
+
+
+def _as_tuple(eos_ids) -> tuple:
+    if eos_ids is None:
+        return ()
+    return (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids)
+
+
+def is_eos(ids: torch.Tensor, eos_ids: Union[None, int, Sequence[int]]) -> torch.Tensor:
+    eos_ids = _as_tuple(eos_ids)
+    if not eos_ids:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    if len(eos_ids) == 1:
+        return ids == eos_ids[0]
+    return torch.isin(ids, torch.tensor(eos_ids, device=ids.device))
 
 
 # --------------------------------------------------------------------------- the guidance
@@ -203,6 +223,10 @@ class Guide:
         """A(s, a) of the chosen tokens [B] (computed at those tokens only when beta was 0)."""
         if advantage is None:
             return self.advantage(hs, chosen[:, None]).squeeze(-1)
+        if isinstance(advantage, tuple):  # (candidates, their advantage): the chosen is one of them
+            candidates, values = advantage
+            slot = (candidates == chosen[:, None]).float().argmax(-1, keepdim=True)
+            return values.gather(-1, slot).squeeze(-1)
         return advantage.gather(-1, chosen[:, None]).squeeze(-1)
 
     def guidance(self, advantage: torch.Tensor) -> torch.Tensor:
@@ -213,23 +237,30 @@ class Guide:
         return self.beta * advantage
 
     def __call__(self, hs: torch.Tensor, logits: torch.Tensor):
-        """Guided scores [B, V] and the advantage [B, V] that went into them (zeros outside
-        the candidates in behaviour-filter mode; None when beta is 0 and it was not needed)."""
+        """Guided scores [B, V] and the advantage that went into them: [B, V], or in
+        behaviour-filter mode a (candidates [B, C], advantage [B, C]) pair; None when beta is 0."""
         logp = F.log_softmax(logits, dim=-1)
         if self.filter_on != "behaviour":
             if self.beta == 0:
                 return logp, None
             advantage = self.advantage(hs)
             return logp + self.guidance(advantage), advantage
-        kept = top_p_mask(top_k_mask(logp, self.top_k), self.top_p)
-        if self.beta == 0:
-            return kept, None
-        # the heads run only at the kept tokens: at most max(kept per row) columns
-        n_keep = int(torch.isfinite(kept).sum(-1).max())
-        candidates = kept.topk(n_keep, dim=-1).indices
-        cand_adv = self.advantage(hs, candidates)
-        advantage = torch.zeros_like(logp).scatter_(-1, candidates, cand_adv)
-        return kept + self.guidance(advantage), advantage
+        vocab = logp.shape[-1]
+        if self.top_p is None and self.top_k and 0 < self.top_k < vocab:
+            # top-k alone: a fixed number of candidates, no host sync
+            kept_scores, candidates = logp.topk(self.top_k, dim=-1)
+        else:
+            kept = top_p_mask(top_k_mask(logp, self.top_k), self.top_p)
+            if self.beta == 0:
+                return kept, None
+            # the heads run only at the kept tokens: at most max(kept per row) columns
+            n_keep = int(torch.isfinite(kept).sum(-1).max())
+            kept_scores, candidates = kept.topk(n_keep, dim=-1)
+        if self.beta != 0:
+            cand_adv = self.advantage(hs, candidates)
+            kept_scores = kept_scores + self.guidance(cand_adv)
+        scores = torch.full_like(logp, float("-inf")).scatter_(-1, candidates, kept_scores)
+        return scores, ((candidates, cand_adv) if self.beta != 0 else None)
 
 
 def mask_logits(logits: torch.Tensor, logit_mask: Optional[torch.Tensor], last_tokens: torch.Tensor) -> torch.Tensor:
@@ -299,13 +330,15 @@ class _StopStrings:
 
 
 def _resolve_special_ids(config, eos_token_id, pad_token_id):
+    """EOS ids as a tuple (None: never stop at a token) and the pad id (default: the first EOS)."""
     eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
-    if isinstance(eos_token_id, (list, tuple)):
-        eos_token_id = eos_token_id[0]
+    eos_ids = None if eos_token_id is None else tuple(
+        eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    )
     pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
     if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
-    return eos_token_id, pad_token_id
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    return eos_ids, pad_token_id
 
 
 def _preprocess(logits, samples, n_new, logit_mask, repetition_penalty, min_new_tokens, eos_token_id):
@@ -331,7 +364,7 @@ def generate(
     top_k: Optional[int] = 20,
     logit_mask: Optional[torch.Tensor] = None,
     pad_token_id: Optional[int] = None,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
     generator: Optional[torch.Generator] = None,
     *,
     top_p: Optional[float] = None,
@@ -461,11 +494,10 @@ def sample(
             attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
             step_positions = step_positions[:, -1:] + 1
             step_ids = next_ids[:, None]
-            if eos_token_id is not None:
-                finished = finished | (next_ids == eos_token_id)
+            finished = finished | is_eos(next_ids, eos_token_id)
             finished = stop_strings(samples, finished)
             # the one host sync per step: stopping needs it
-            if (eos_token_id is not None or stop_strings.stops) and bool(finished.all()):
+            if (eos_token_id or stop_strings.stops) and bool(finished.all()):
                 break
         if stats is None:
             stats = _Stats(0, device)

@@ -20,6 +20,7 @@ from .generation import (
     _prepare,
     _Stats,
     _StopStrings,
+    is_eos,
     sample,
     top_k_mask,
     top_p_mask,
@@ -78,8 +79,7 @@ def beam_search(
             samples = torch.cat([samples[source], next_ids[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask[source], (~finished).long()[:, None]], dim=1)
             cache.reorder_cache(source)
-            if eos_token_id is not None:
-                finished = finished | (next_ids == eos_token_id)
+            finished = finished | is_eos(next_ids, eos_token_id)
             finished = stop_strings(samples, finished)
             step_positions = step_positions[source][:, -1:] + 1
             step_ids = next_ids[:, None]
@@ -95,7 +95,11 @@ def beam_search(
 def _beam_stats(stats, guide, h, raw, advantage, finished, source, next_ids) -> None:
     """Add the chosen tokens' statistics to the beams they extend, then re-index the beams."""
     raw_logp = F.log_softmax(raw, dim=-1)[source]
-    adv = guide.chosen_advantage(h[source], None if advantage is None else advantage[source], next_ids)
+    if isinstance(advantage, tuple):
+        advantage = tuple(a[source] for a in advantage)
+    elif advantage is not None:
+        advantage = advantage[source]
+    adv = guide.chosen_advantage(h[source], advantage, next_ids)
     stats.select(source)
     stats.add(~finished[source], next_ids, raw_logp, adv, None, greedy=True)
 

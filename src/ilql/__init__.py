@@ -12,8 +12,10 @@ from .config import (
 )
 from .data import EpisodeStore, ILQLBatch, TokenRewards, make_episodes
 from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
+from .generation import GenerationOutput
 from .heads import ILQLHeads
 from .loss import ilql_loss
+from .logits_process import ILQLLogitsProcessor, hf_generate
 from .modeling import AutoModelForCausalLMWithILQLHeads
 from .preferences import preferences
 from .sources import load_file
@@ -27,10 +29,12 @@ __all__ = [
     "DataError",
     "DataTypeError",
     "EpisodeStore",
+    "GenerationOutput",
     "ILQLBatch",
     "ILQLConfig",
     "ILQLError",
     "ILQLHeads",
+    "ILQLLogitsProcessor",
     "ILQLTrainer",
     "ModelConfig",
     "OptimizerConfig",
@@ -41,6 +45,7 @@ __all__ = [
     "TokenRewards",
     "TRLConfig",
     "default_ilql_config",
+    "hf_generate",
     "ilql_loss",
     "load_file",
     "make_episodes",

@@ -51,9 +51,68 @@ def demo_randomwalks(args) -> int:
     return 0
 
 
+def demo_sentiment(args) -> int:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tasks.sentiment import run
+
+    rows = []
+    for seed in args.seeds:
+        trainer, task = run(seed=seed, output_dir=f"{args.output_dir}/seed{seed}", steps=args.steps or 600)
+        final = [r for r in trainer.history if any(k.startswith("metrics/") for k in r)][-1]
+        scores = {k.split("@")[1]: v for k, v in final.items() if k.startswith("metrics/vader@")}
+        rows.append((seed, float(np.mean(task.rewards)), scores, trainer.train_seconds))
+
+    settings = list(rows[0][2])
+    table = Table(title="sentiment: mean VADER compound score of guided reviews (dataset: mean reward)")
+    for column in ("seed", "dataset", *settings, "train s"):
+        table.add_column(column, justify="right")
+    for seed, dataset_mean, scores, sec in rows:
+        table.add_row(str(seed), f"{dataset_mean:+.3f}", *[f"{scores[s]:+.3f}" for s in settings], f"{sec:.0f}")
+    means = {s: sum(r[2][s] for r in rows) / len(rows) for s in settings}
+    dataset_mean = sum(r[1] for r in rows) / len(rows)
+    if len(rows) > 1:
+        table.add_row("mean", f"{dataset_mean:+.3f}", *[f"{means[s]:+.3f}" for s in settings], "")
+    console = Console()
+    console.print(table)
+    console.print(f"peak RSS: {_peak_rss_mib():.0f} MiB")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"per_seed": [dict(seed=s, dataset_mean_reward=d, vader=v, train_seconds=t) for s, d, v, t in rows],
+                       "mean": means, "dataset_mean_reward": dataset_mean, "peak_rss_mib": _peak_rss_mib()}, f, indent=2)
+    return 0
+
+
+DEMOS = {  # task: (function, default seeds, default output directory)
+    "randomwalks": (demo_randomwalks, [1000, 1002, 1004], "runs/randomwalks"),
+    "sentiment": (demo_sentiment, [1000], "runs/sentiment"),
+}
+
+
+def demo_command(args) -> int:
+    func, seeds, output_dir = DEMOS[args.task]
+    args.seeds = args.seeds or seeds
+    args.output_dir = args.output_dir or output_dir
+    return func(args)
+
+
+def parse_columns(items: Optional[List[str]]):
+    """--columns text=review reward=score -> {"text": "review", "reward": "score"}."""
+    if not items:
+        return None
+    columns = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"--columns expects NAME=COLUMN (e.g. text=review), got {item!r}")
+        columns[key] = value
+    return columns
+
+
 def train_command(args) -> int:
     from .config import TRLConfig, default_ilql_config
-    from .data import load_jsonl
     from .trainer import train
 
     config = TRLConfig.load_yaml(args.config) if args.config else default_ilql_config()
@@ -67,9 +126,9 @@ def train_command(args) -> int:
 
             overrides[key] = yaml.safe_load(value)
         config = TRLConfig.update(config, overrides)
-    samples, rewards = load_jsonl(args.data)
     trainer = train(
-        model_path=args.model, samples=samples, rewards=rewards, config=config, resume_from_checkpoint=args.resume
+        model_path=args.model, dataset=args.data, columns=parse_columns(args.columns), config=config,
+        resume_from_checkpoint=args.resume,
     )
     if args.output_dir:
         trainer.save_pretrained(args.output_dir)
@@ -117,17 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a built-in task end to end")
-    demo.add_argument("task", choices=["randomwalks"], help="the built-in task")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[1000, 1002, 1004], help="one run per seed")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's, 200)")
-    demo.add_argument("--output-dir", default="runs/randomwalks", help="checkpoints and logs go here")
+    demo.add_argument("task", choices=list(DEMOS), help="the built-in task")
+    demo.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="one run per seed (default: randomwalks 1000 1002 1004, sentiment 1000)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="optimizer steps (default: the task's, randomwalks 200, sentiment 600)")
+    demo.add_argument("--output-dir", default=None, help="checkpoints and logs go here (default: runs/TASK)")
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")
-    demo.set_defaults(func=demo_randomwalks)
+    demo.set_defaults(func=demo_command)
 
-    tr = sub.add_parser("train", help="train on a JSONL file of samples and rewards")
+    tr = sub.add_parser("train", help="train on a JSONL, CSV or Parquet file of samples and rewards")
     tr.add_argument("--config", help="a YAML config (sections method/model/optimizer/scheduler/tokenizer/train)")
-    tr.add_argument("--data", required=True, help="JSONL: one object per line with 'reward' and 'text', "
-                    "'prompt'+'completion', or 'dialogue' (a list of strings)")
+    tr.add_argument("--data", required=True, help=".jsonl, .csv or .parquet: one sample per row with 'reward' "
+                    "(a number, or a list with one per output segment) or 'token_rewards', and 'text', "
+                    "'prompt'+'completion', 'messages' (a chat), 'dialogue' (a list of strings), or "
+                    "'prompt'+'chosen'+'rejected' (a preference pair: +1/-1)")
+    tr.add_argument("--columns", nargs="*", metavar="NAME=COLUMN",
+                    help="the file's column names where they differ, e.g. text=review reward=score")
     tr.add_argument("--model", default=None, help="local model directory (default: model.model_path)")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method.tau=0.8")
     tr.add_argument("--output-dir", default=None, help="save the final model and tokenizer here")

@@ -199,7 +199,22 @@ def encode_texts(texts: List[str], tokenizer) -> List[List[int]]:
     """Token ids of each text, without special tokens, in one batched tokenizer call."""
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # the Rust tokenizer directly: the same ids as tokenizer(texts), without building
+        # transformers' per-text encodings (most of the time at scale)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def special_ids(tokenizer) -> Tuple[int, int, str]:
+    """(BOS, EOS, truncation side) of a tokenizer; BOS falls back to EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token: set one (it ends every output)")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return bos, eos, tokenizer.truncation_side
 
 
 def tokenize_dialogue(
@@ -209,6 +224,7 @@ def tokenize_dialogue(
     index: int = 0,
     reward: Reward = 0.0,
     token_lists: Optional[List[List[int]]] = None,
+    specials: Optional[Tuple[int, int, str]] = None,
 ) -> List[Segment]:
     """Tokenize one validated dialogue into segments that fit in `max_length` tokens, each
     output carrying its per-token rewards.
@@ -216,11 +232,9 @@ def tokenize_dialogue(
     EOS goes after the last output; truncation follows ``tokenizer.truncation_side``; a
     dialogue that starts with an output gets BOS (or EOS when there is no BOS) as its prompt,
     because the first action needs a state before it. `token_lists` (one per segment, [] for a
-    None prompt) skips the tokenizer call when the caller encoded the texts in a batch."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos_token: set one (it ends every output)")
+    None prompt) skips the tokenizer call when the caller encoded the texts in a batch;
+    `specials` is `special_ids(tokenizer)`, looked up once by callers that loop."""
+    bos, eos, side = specials or special_ids(tokenizer)
     if token_lists is None:
         token_lists = [[] if text is None else encode_texts([text], tokenizer)[0] for text in dialogue]
     segments = []
@@ -233,7 +247,6 @@ def tokenize_dialogue(
         segments[-1].tokens.append(eos)
     _place_rewards(segments, reward, eos_added, index)
 
-    side = tokenizer.truncation_side
     total = sum(len(s.tokens) for s in segments)
     carry = 0.0
     if total > max_length:
@@ -446,13 +459,14 @@ def make_episodes(
         if cached is not None:
             return cached
     mean, divisor = return_stats(values) if standardize_rewards else (0.0, 1.0)
+    specials = special_ids(tokenizer)
     builder = StoreBuilder()
     for start in range(0, len(dialogues), ENCODE_CHUNK):
         chunk = dialogues[start : start + ENCODE_CHUNK]
         encoded = iter(encode_texts([t for d in chunk for t in d if t is not None], tokenizer))
         for i, dialogue in enumerate(chunk, start=start):
             token_lists = [[] if text is None else next(encoded) for text in dialogue]
-            segments = tokenize_dialogue(dialogue, tokenizer, max_length, i, values[i], token_lists)
+            segments = tokenize_dialogue(dialogue, tokenizer, max_length, i, values[i], token_lists, specials)
             input_ids, actions_ixs, r = segments_to_arrays(segments)
             # standardize the return: scale every reward, shift the final one
             last = (r[-1] - mean) / divisor

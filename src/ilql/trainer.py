@@ -216,7 +216,7 @@ class ILQLTrainer:
         self.step += 1
         if self.step % self.config.method.steps_for_target_q_sync == 0:
             self.model.sync_target_q_heads()
-        if self.step % self.config.train.log_interval:
+        if self.step % self.config.train.log_interval and self.step < self.total_steps:
             return {}  # no host sync between logging steps
         return {k: v.item() for k, v in stats.items()}
 

@@ -267,3 +267,23 @@ def test_grouped_loader_order_is_restored_from_generator_state(walks_tokenizer):
     widths = [len(b[0]) for b in first]
     pads = sum((torch.tensor(b) == 22).sum().item() for b in first)
     assert pads < sum(widths) * 4 * 0.2 and len(first) == 8
+
+
+def test_cli_train_reads_csv_with_renamed_columns(tmp_path, saved_tokenizer, tiny_gpt2_config):
+    from transformers import GPT2LMHeadModel
+
+    from ilql.cli import main
+
+    model_dir = tmp_path / "model"
+    GPT2LMHeadModel(tiny_gpt2_config).save_pretrained(model_dir)
+    data = write_csv(tmp_path / "d.csv", [{"review": "abc", "score": 1.0}, {"review": "cb", "score": -1.0}])
+    config = tiny_config(saved_tokenizer, tmp_path)
+    config.save_yaml(tmp_path / "cfg.yaml")
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(tmp_path / "cfg.yaml"), "--data", str(data), "--model", str(model_dir),
+            "--columns", "text=review", "reward=score", "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert (out / "config.json").is_file()
+    bad = write_csv(tmp_path / "bad.csv", [{"review": "abc", "score": "high"}])
+    argv[argv.index(str(data))] = str(bad)
+    assert main(argv) == 2  # the library error is reported, naming file, row and column

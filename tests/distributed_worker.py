@@ -77,7 +77,41 @@ def scenario_losses(tokenizer_path, tmp, strategy, kind="gpt2", **overrides):
     return {"losses": run_steps(trainer, STEPS)}
 
 
-SCENARIOS = {"losses": scenario_losses}
+def scenario_save(tokenizer_path, tmp, strategy, path, kind="gpt2", **overrides):
+    """Half the run (one epoch), then a sharded checkpoint of model, optimizer and counters."""
+    from ilql.parallel import save_sharded
+
+    trainer, _ = make_trainer(tokenizer_path, tmp, strategy, kind, **overrides)
+    losses = run_steps(trainer, STEPS // 2)
+    save_sharded(path, trainer.model, trainer.optimizer, {"step": trainer.step, "scheduler": json.dumps(trainer.scheduler.state_dict())})
+    return {"losses": losses}
+
+
+def scenario_resume(tokenizer_path, tmp, strategy, path, kind="gpt2", **overrides):
+    """A fresh trainer loads the checkpoint and runs the second half (the second epoch)."""
+    from ilql.parallel import load_sharded
+
+    trainer, _ = make_trainer(tokenizer_path, tmp, strategy, kind, **overrides)
+    extra = load_sharded(path, trainer.model, trainer.optimizer, {"step": 0, "scheduler": ""})
+    trainer.step = extra["step"]
+    trainer.scheduler.load_state_dict(json.loads(extra["scheduler"]))
+    for _ in trainer.loader:  # replay the first epoch's draws: the loader generator moves on
+        pass
+    return {"losses": run_steps(trainer, STEPS - STEPS // 2), "step": extra["step"]}
+
+
+def scenario_learn(tokenizer_path, tmp, strategy, kind="gpt2", resume=None, **overrides):
+    """`learn()` with greedy evaluation at steps 5 and 10 and checkpoints at steps 3, 6, 9 and
+    10 (optionally resumed from a checkpoint first); the logged history."""
+    train = dict(eval_interval=STEPS // 2, checkpoint_interval=3, **overrides.pop("train", {}))
+    trainer, _ = make_trainer(tokenizer_path, tmp, strategy, kind, train=train, **overrides)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    trainer.learn()
+    return {"history": [{k: v for k, v in r.items() if not k.startswith("time/")} for r in trainer.history]}
+
+
+SCENARIOS = {"losses": scenario_losses, "save": scenario_save, "resume": scenario_resume, "learn": scenario_learn}
 
 
 def main(rank: int, world_size: int, port: int, tokenizer_path: str, tmp: str, jobs) -> None:

@@ -227,7 +227,7 @@ class ILQLConfig(_Section):
     gen_kwargs: Dict[str, Any] = field(
         default_factory=lambda: dict(max_new_tokens=56, top_k=20, beta=1, temperature=1.0)
     )
-    chunk_size: Optional[int] = 1024
+    chunk_size: Optional[int] = 256
 
     def __post_init__(self):
         _check(_is_number(self.tau) and 0 < self.tau < 1, "method.tau", "in (0, 1)", self.tau)

@@ -212,7 +212,7 @@ def linear_cross_entropy(
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
     row_weights: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """``sum_t row_weights[t] * cross_entropy(h[t] @ weight.T + bias, targets[t])`` in float32,
@@ -247,7 +247,7 @@ def ilql_loss_chunked(
     cql_scale: float,
     awac_scale: float,
     beta: float,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """`ilql_loss` from the inputs of the vocabulary-sized layers, in bounded memory.
 

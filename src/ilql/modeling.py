@@ -118,11 +118,18 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def write_files(self, directory: Union[str, os.PathLike], **kwargs) -> None:
-        """Write the model's files into an existing directory (no atomicity of its own)."""
+    def write_files(self, directory: Union[str, os.PathLike], state_dict=None, **kwargs) -> None:
+        """Write the model's files into an existing directory (no atomicity of its own).
+
+        `state_dict`: full weights to write instead of the live ones (keys as in this model's
+        state dict), e.g. gathered on rank 0 from FSDP or tensor-parallel shards."""
         directory = Path(directory)
+        heads = self.ilql_heads.state_dict()
+        if state_dict is not None:
+            kwargs["state_dict"] = {k[len("base_model."):]: v for k, v in state_dict.items() if k.startswith("base_model.")}
+            heads = {k[len("ilql_heads."):]: v for k, v in state_dict.items() if k.startswith("ilql_heads.")}
         self.base_model.save_pretrained(str(directory), **kwargs)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.ilql_heads.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
         save_file(state, str(directory / HEADS_FILE), metadata={"format": "pt"})
         heads_config = dict(
             two_qs=self.ilql_heads.two_qs,

@@ -500,14 +500,90 @@ def save_sharded(directory, model, optimizer, extra: Optional[Dict[str, Any]] = 
     dcp.save({"model": model_state, "optim": optim_state, "extra": extra or {}}, checkpoint_id=str(directory))
 
 
-def load_sharded(directory, model, optimizer) -> Dict[str, Any]:
+def load_sharded(directory, model, optimizer, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Load a `save_sharded` checkpoint into `model`/`optimizer` (resharding as needed);
-    returns its `extra` dict."""
+    returns its `extra` dict, of which `extra` names the keys to read (with placeholders)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "extra": {}}
+    state = {"model": model_state, "optim": optim_state, "extra": dict(extra or {})}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return state["extra"]
+
+
+# ------------------------------------------------------------ trainer checkpoints (fsdp / tp)
+SHARDED_DIR = "sharded"  # inside a checkpoint: the torch.distributed.checkpoint state
+
+
+def _trainer_extra(trainer) -> Dict[str, Any]:
+    """Counters and data position a resume needs besides weights and optimizer states."""
+    epoch, batch, loader_rng = trainer.epoch, trainer.batch_in_epoch, trainer._epoch_start_rng
+    if batch >= len(trainer.loader):  # the epoch is used up: resume at the start of the next
+        epoch, batch, loader_rng = epoch + 1, 0, trainer.generator.get_state()
+    best = trainer.best_score if trainer.best_score != float("-inf") else None
+    counters = dict(step=trainer.step, epoch=epoch, batch_in_epoch=batch, best_score=best,
+                    scheduler=trainer.scheduler.state_dict(), world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    import json
+
+    return {"counters": json.dumps(counters), "loader_rng": loader_rng}
+
+
+def save_trainer_checkpoint(trainer, directory) -> None:
+    """A training checkpoint under "fsdp" / "tp" (collective: every rank calls it).
+
+    Rank 0 writes the full model in Hugging Face format (gathered from the shards: it opens
+    with `from_pretrained`), tokenizer and config; every rank writes its shards of model and
+    optimizer to ``<checkpoint>/sharded`` (torch.distributed.checkpoint), which reloads on any
+    number of ranks and strategies. The directory is published atomically by rank 0."""
+    from pathlib import Path
+    import shutil
+
+    from . import checkpoint as ckpt
+
+    parallel, directory = trainer.parallel, Path(directory)
+    full = parallel.full_state_dict(trainer.model)
+    shards = directory.with_name(f".{directory.name}.sharded-tmp")  # the same path on every rank
+    if parallel.is_main:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.parent.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
+    save_sharded(shards, trainer.model, trainer.optimizer, _trainer_extra(trainer))
+    parallel.barrier()
+    if parallel.is_main:
+        def write(tmp: Path) -> None:
+            trainer.model.write_files(tmp, state_dict=full)
+            trainer.tokenizer.save_pretrained(str(tmp))
+            trainer.config.save_yaml(tmp / "ilql_train_config.yaml")
+            os.replace(shards, tmp / SHARDED_DIR)
+
+        kind = "best" if directory.name == ckpt.BEST_NAME else "train"
+        ckpt.write_checkpoint_dir(directory, write, trainer.step, kind)
+        if kind == "train" and directory.parent.resolve() == trainer.checkpoint_dir.resolve():
+            ckpt.prune_checkpoints(trainer.checkpoint_dir, trainer.config.train.keep_last_checkpoints)
+    parallel.barrier()
+
+
+def load_trainer_checkpoint(trainer, directory) -> None:
+    """Resume from a checkpoint with a ``sharded`` state (written by any number of ranks),
+    whatever this run's strategy and number of ranks."""
+    import json
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .errors import TrainingError
+
+    directory = Path(directory)
+    problem = ckpt.verify_checkpoint(directory)
+    if problem is not None:
+        raise TrainingError(f"cannot resume from {directory}: {problem}")
+    template = {"counters": "", "loader_rng": trainer.generator.get_state()}
+    extra = load_sharded(directory / SHARDED_DIR, trainer.model, trainer.optimizer, template)
+    counters = json.loads(extra["counters"])
+    trainer.scheduler.load_state_dict(counters["scheduler"])
+    trainer.step, trainer.epoch, trainer.batch_in_epoch = counters["step"], counters["epoch"], counters["batch_in_epoch"]
+    trainer.best_score = float("-inf") if counters["best_score"] is None else counters["best_score"]
+    trainer._epoch_start_rng = extra["loader_rng"]
+    trainer.generator.set_state(trainer._epoch_start_rng)
+    trainer._truncate_log()

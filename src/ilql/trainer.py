@@ -32,6 +32,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
 from .modeling import AutoModelForCausalLMWithILQLHeads
+from .parallel import SHARDED_DIR, Parallel, load_trainer_checkpoint, save_trainer_checkpoint
 from .parallel import Parallel
 
 MetricFn = Callable[..., Dict[str, Any]]
@@ -433,6 +434,11 @@ class ILQLTrainer:
         manifest last, then renamed into place (see `ilql.checkpoint`); afterwards only the
         newest `train.keep_last_checkpoints` step checkpoints are kept (the best one apart)."""
         directory = Path(directory)
+        if self.parallel.strategy in ("fsdp", "tp"):  # sharded state: every rank writes its part
+            save_trainer_checkpoint(self, directory)
+            return directory
+        if not self.parallel.is_main:
+            return directory
         kind = "best" if directory.name == ckpt.BEST_NAME else "train"
         ckpt.write_checkpoint_dir(directory, self._write_training_checkpoint, self.step, kind)
         if kind == "train" and directory.parent.resolve() == self.checkpoint_dir.resolve():
@@ -484,6 +490,8 @@ class ILQLTrainer:
         """Restore a checkpoint written by `save_checkpoint`, so that `learn()` continues
         exactly where it stopped. The checkpoint is verified against its manifest first."""
         directory = Path(directory)
+        if (directory / SHARDED_DIR).is_dir():  # written under fsdp / tp, on any number of ranks
+            return load_trainer_checkpoint(self, directory)
         problem = ckpt.verify_checkpoint(directory)
         if problem is not None:
             raise TrainingError(f"cannot resume from {directory}: {problem}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -33,6 +34,39 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _type_matches(value: Any, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin is Union:
+        return any(_type_matches(value, a) for a in args)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin in (dict, Dict) or expected is dict:
+        return isinstance(value, dict)
+    if origin in (list, List) or expected is list:
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _describe(expected: Any) -> str:
+    args = [a for a in typing.get_args(expected) if a is not type(None)] if typing.get_origin(expected) is Union else []
+    if args:
+        return " or ".join(_describe(a) for a in args) + " or null"
+    origin = typing.get_origin(expected) or expected
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list"}
+    return names.get(origin, str(expected))
+
+
 def _positive_int(section: str, name: str, value: Any) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
     _check(ok, f"{section}.{name}", "a positive integer", value)
@@ -52,7 +86,18 @@ class _Section:
             raise ConfigError(
                 f"unknown key {cls._name()}.{unknown[0]}; allowed keys: {', '.join(allowed)}"
             )
+        cls._check_types(config)
         return cls(**copy.deepcopy(config))
+
+    @classmethod
+    def _check_types(cls, config: Dict[str, Any]) -> None:
+        """Reject a value of the wrong type (a number where a mapping belongs, a string for a
+        count) with the key's name, before a section's own range checks can trip over it."""
+        hints = typing.get_type_hints(cls)
+        for name, value in config.items():
+            expected = hints.get(name, Any)
+            if not _type_matches(value, expected):
+                raise ConfigError(f"{cls._name()}.{name} must be {_describe(expected)}, got {value!r}")
 
     @classmethod
     def _name(cls) -> str:
@@ -311,8 +356,13 @@ class TRLConfig:
     @classmethod
     def load_yaml(cls, path: Union[str, Path]) -> "TRLConfig":
         """Read a YAML file (safe loader). Sections it leaves out keep their defaults."""
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid UTF-8 YAML file ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(_merge(cls().to_dict(), data))
 
     def save_yaml(self, path: Union[str, Path]) -> None:

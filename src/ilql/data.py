@@ -78,6 +78,9 @@ class Episode:
     dones: np.ndarray
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(r: Any, where: str) -> float:
     if isinstance(r, torch.Tensor) and r.numel() == 1:
         r = r.item()
@@ -85,9 +88,15 @@ def _number(r: Any, where: str) -> float:
         r = r.item()
     if isinstance(r, bool) or not isinstance(r, numbers.Real):
         raise DataTypeError(f"{where}: expected a number, got {type(r).__name__} ({r!r})")
-    if not math.isfinite(r):
+    try:
+        value = float(r)
+    except OverflowError:  # an int beyond float range
+        raise DataError(f"{where}: expected a finite number, got an integer of {int(r).bit_length()} bits") from None
+    if not math.isfinite(value):
         raise DataError(f"{where}: expected a finite number, got {r!r}")
-    return float(r)
+    if abs(value) > FLOAT32_MAX:  # rewards train in float32: this one would become inf there
+        raise DataError(f"{where}: {value!r} is outside the float32 range (|reward| <= {FLOAT32_MAX:.4g}); rescale the rewards")
+    return value
 
 
 def _numbers(values: Any, where: str) -> np.ndarray:

@@ -108,6 +108,7 @@ def scenario_learn(tokenizer_path, tmp, strategy, kind="gpt2", resume=None, **ov
     if resume is not None:
         trainer.load_checkpoint(resume)
     trainer.learn()
+    trainer.save_pretrained(Path(tmp) / f"final_{strategy}")  # gathered on rank 0 under fsdp / tp
     return {"history": [{k: v for k, v in r.items() if not k.startswith("time/")} for r in trainer.history]}
 
 

@@ -115,6 +115,9 @@ def test_sharded_runs_save_full_hf_checkpoints(runs, strategy):
     got_dir = runs["tmp"] / f"ckpts_{strategy}" / "checkpoint_0000010"
     got = AutoModelForCausalLMWithILQLHeads.from_pretrained(got_dir)
     assert (got_dir / "sharded").is_dir()
+    final = AutoModelForCausalLMWithILQLHeads.from_pretrained(runs["tmp"] / f"final_{strategy}")
+    for key, value in got.state_dict().items():  # save_pretrained after the last step: the same weights
+        torch.testing.assert_close(final.state_dict()[key], value, msg=key)
     got_state = got.state_dict()
     # Adam turns float rounding in near-zero gradients into ~1e-5 weight differences
     for key, value in ref.state_dict().items():

@@ -417,11 +417,14 @@ class ILQLTrainer:
     # ---------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Model, heads and tokenizer in `directory`, openable with `from_pretrained`."""
+        full = self.parallel.full_state_dict(self.model)  # fsdp / tp: gathered on rank 0 (collective)
+        if not self.parallel.is_main:
+            return
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            self._write_checkpoint(tmp)
+            self._write_checkpoint(tmp, state_dict=full)
             from .modeling import publish_directory
 
             publish_directory(tmp, target)
@@ -492,6 +495,11 @@ class ILQLTrainer:
         directory = Path(directory)
         if (directory / SHARDED_DIR).is_dir():  # written under fsdp / tp, on any number of ranks
             return load_trainer_checkpoint(self, directory)
+        if self.parallel.strategy in ("fsdp", "tp"):
+            raise TrainingError(
+                f"cannot resume from {directory} with train.strategy={self.parallel.strategy!r}: it has no "
+                f"'{SHARDED_DIR}' state (a 'none' or 'ddp' run wrote it); resume it with one of those strategies"
+            )
         problem = ckpt.verify_checkpoint(directory)
         if problem is not None:
             raise TrainingError(f"cannot resume from {directory}: {problem}")
@@ -582,8 +590,8 @@ class ILQLTrainer:
             warnings.warn(f"no complete checkpoint under {root}: training starts from step 0")
         return found
 
-    def _write_checkpoint(self, directory: Path) -> None:
-        self.model.write_files(directory)
+    def _write_checkpoint(self, directory: Path, state_dict=None) -> None:
+        self.model.write_files(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(str(directory))
         self.config.save_yaml(directory / "ilql_train_config.yaml")
 

@@ -348,6 +348,10 @@ def test_evaluation_logs_kl_per_beta_and_honours_stop_sequences(tmp_path, saved_
     assert "metrics/optimality@beta=5" in record and len(seen) == 2  # stop_sequences is no sweep
     assert all("c" not in o and "d" not in o for outputs in seen for o in outputs)
     assert "metric vs KL" in capsys.readouterr().out
+    prompts = walks.eval_prompts[:3]
+    for search in (dict(num_beams=2), dict(best_of=3, rank_by="mix")):
+        texts, kls = trainer.generate_texts(prompts, return_kl=True, max_new_tokens=4, **search)
+        assert len(texts) == len(kls) == 3 and all(isinstance(t, str) for t in texts)
 
 
 def test_cli_generate_with_decoding_flags(tmp_path, gpt2, walks_tokenizer, capsys):

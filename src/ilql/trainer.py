@@ -33,7 +33,6 @@ from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
 from .modeling import AutoModelForCausalLMWithILQLHeads
 from .parallel import SHARDED_DIR, Parallel, load_trainer_checkpoint, save_trainer_checkpoint
-from .parallel import Parallel
 
 MetricFn = Callable[..., Dict[str, Any]]
 
@@ -552,7 +551,9 @@ class ILQLTrainer:
         if result is None or result.unexpected_keys or any(live[k].data_ptr() not in loaded for k in result.missing_keys):
             from transformers import AutoModelForCausalLM
 
-            reference = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=False)
+            reference = AutoModelForCausalLM.from_pretrained(
+                str(directory), trust_remote_code=False, use_safetensors=True  # never unpickle
+            )
             base.load_state_dict(reference.state_dict())
         heads = load_file(str(directory / "ilql_heads.safetensors"), device=str(self.device))
         self.model.ilql_heads.load_state_dict(heads, strict=True)

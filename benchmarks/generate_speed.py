@@ -67,6 +67,24 @@ def naive_generate(model, ids, beta, new_tokens, top_k):
     return ids
 
 
+def macs_per_token(model, top_k: int) -> dict:
+    """Multiply-accumulates per generated token of each path's matmuls (attention over the
+    context left out; it is the same for every cached path): what bounds a CPU."""
+    linear = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+    trunk = linear(model.base_model.base_model)
+    lm = model.base_model.get_output_embeddings().weight.numel()
+    heads = model.ilql_heads
+    first_layers = sum(h[0].weight.numel() for h in [heads.v_head, *heads.target_q_heads])
+    q_out = sum(h[-1].weight.numel() for h in heads.target_q_heads)
+    width = heads.target_q_heads[0][-1].weight.shape[1]
+    plain = trunk + lm
+    return {
+        "hf_plain": plain,
+        "ilql": plain + first_layers + q_out + width,
+        "ilql_behaviour": plain + first_layers + len(heads.target_q_heads) * top_k * width + width,
+    }
+
+
 def paths(model, ids, new_tokens, top_k, beta):
     base = model.base_model
     common = dict(max_new_tokens=new_tokens, pad_token_id=0)
@@ -122,12 +140,20 @@ def main() -> None:
     print()
     for key, value in ratios.items():
         print(f"{key:<28}{value:>8.2f}x")
+    macs = macs_per_token(model, args.top_k)
+    bound = {f"{p}/hf_plain": macs["hf_plain"] / macs[p] for p in ("ilql", "ilql_behaviour")}
+    print("\nmatmul work per token (M multiply-adds) and the compute-bound ceiling of the ratio:")
+    for name, value in macs.items():
+        print(f"{name:<16}{value / 1e6:>8.1f}M")
+    for key, value in bound.items():
+        print(f"{key:<28}{value:>8.2f}x at most, if matmuls were all that counted")
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(dict(
             settings=vars(args), device="cpu", torch_threads=torch.get_num_threads(), torch=torch.__version__,
             machine=platform.processor() or platform.machine(), seconds=times, tokens_per_s=tps, ratios=ratios,
+            macs_per_token=macs, compute_bound_ratios=bound,
         ), f, indent=2)
     print(f"\nwritten to {args.output}")
 

@@ -197,3 +197,34 @@ def test_resume_refuses_other_data_or_batch_size_and_bad_arguments(tmp_path, cli
     with pytest.raises(ilql.TrainingError, match="ilql_heads.safetensors"):
         ilql.train(model_path=model, samples=samples, rewards=rewards, config=config,
                    resume_from_checkpoint=str(latest))
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_in_process_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, tiny_gpt2_config, saved_tokenizer,
+                                                                   group_by_length):
+    import shutil
+
+    from ilql.tasks.randomwalks import generate_random_walks
+
+    task = generate_random_walks(n_walks=20, seed=6)  # batch 8: 3 batches an epoch
+
+    def config(name):
+        return ilql.default_ilql_config().evolve(
+            train=dict(seq_length=11, batch_size=8, total_steps=7, checkpoint_interval=4, eval_interval=100,
+                       checkpoint_dir=str(tmp_path / name), progress_bar=False, group_by_length=group_by_length),
+            tokenizer=dict(tokenizer_path=saved_tokenizer),
+            method=dict(steps_for_target_q_sync=2, alpha=0.5),
+        )
+
+    def train(name, resume=None):
+        return ilql.train(model_path=tiny_gpt2_config, samples=task.samples, rewards=task.rewards,
+                          config=config(name), resume_from_checkpoint=resume)
+
+    reference = train("a")
+    shutil.copytree(tmp_path / "a" / "checkpoint_0000004", tmp_path / "b" / "checkpoint_0000004")
+    torch.manual_seed(123)  # the resume must not depend on the state it starts from
+    resumed = train("b", resume="latest")
+    losses = lambda t: [(r["step"], r["losses/loss"]) for r in t.history if "losses/loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(reference)[4:]
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

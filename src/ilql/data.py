@@ -593,7 +593,9 @@ def build_loader(
     collate = ILQLCollator(pad_token_id)
     if group_by_length:
         sampler = LengthGroupedBatchSampler(episode_lengths(episodes), batch_size, generator)
-        return torch.utils.data.DataLoader(episodes, batch_sampler=sampler, collate_fn=collate)
+        # the generator also feeds the loader's per-epoch base seed, which otherwise comes from
+        # the global RNG (and would make a resumed run draw different dropout masks)
+        return torch.utils.data.DataLoader(episodes, batch_sampler=sampler, collate_fn=collate, generator=generator)
     return torch.utils.data.DataLoader(
         episodes, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator
     )

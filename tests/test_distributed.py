@@ -56,6 +56,7 @@ def runs(tmp_path_factory):
     out = {
         "ref": worker.scenario_learn(tok, tmp, "none"),  # checkpoints in ckpts_none
         "ref_llama": worker.scenario_losses(tok, tmp, "none", kind="llama"),
+        "ref_bf16": worker.scenario_losses(tok, tmp, "none", train=dict(mixed_precision="bf16")),
         # a sharded checkpoint written by 1 rank, to be resumed by 2
         "one_rank": worker.scenario_save(tok, tmp, "none", path=str(tmp / "one_rank")),
     }
@@ -66,6 +67,8 @@ def runs(tmp_path_factory):
         ["tp_llama", "losses", {"strategy": "tp", "kind": "llama"}],  # untied LM head
         ["fsdp_llama_chunked_off", "losses", {"strategy": "fsdp", "kind": "llama", "method": {"chunk_size": None}}],
         ["from_one_rank", "resume", {"strategy": "fsdp", "path": str(tmp / "one_rank")}],
+        ["fsdp_bf16", "losses", {"strategy": "fsdp", "train": {"mixed_precision": "bf16"}}],
+        ["fsdp_recompute", "losses", {"strategy": "fsdp", "train": {"activation_checkpointing": True}}],
     ]
     out.update(_launch(tok, tmp, jobs))
     # the 2-rank FSDP checkpoint of step 6 (mid-epoch), resumed by one process without any
@@ -92,6 +95,25 @@ def test_llama_tensor_parallel_and_fsdp_reference_loss_path(runs):
         got = runs[name]["losses"]
         assert len(got) == worker.STEPS
         assert max(abs(a - b) for a, b in zip(ref, got)) < TOL, (name, ref, got)
+
+
+def test_fsdp_activation_checkpointing_and_bf16(runs):
+    """Recomputing blocks changes nothing; bf16 parameters (FSDP's MixedPrecisionPolicy) stay
+    within bf16 rounding of a single process autocasting to bf16."""
+    ref = _losses(runs["ref"]["history"])
+    recomputed = runs["fsdp_recompute"]["losses"]
+    assert max(abs(a - b) for a, b in zip(ref, recomputed)) < TOL
+    ref_bf16, got = runs["ref_bf16"]["losses"], runs["fsdp_bf16"]["losses"]
+    assert len(got) == worker.STEPS
+    assert max(abs(a - b) for a, b in zip(ref_bf16, got)) < 2e-2, (ref_bf16, got)
+    assert max(abs(a - b) for a, b in zip(ref, got)) > 1e-6  # bf16 did take effect
+
+
+def test_activation_checkpointing_single_process(tmp_path, saved_tokenizer):
+    plain, _ = worker.make_trainer(saved_tokenizer, tmp_path, "none")
+    recompute, _ = worker.make_trainer(saved_tokenizer, tmp_path, "none", train=dict(activation_checkpointing=True))
+    assert recompute.model.base_model.is_gradient_checkpointing and not plain.model.base_model.is_gradient_checkpointing
+    assert worker.run_steps(recompute, 3) == pytest.approx(worker.run_steps(plain, 3), abs=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp"])
@@ -153,6 +175,13 @@ def test_strategy_config_is_validated():
         default_ilql_config().evolve(train=dict(strategy="zero3"))
     with pytest.raises(ConfigError, match="train.cpu_offload"):
         default_ilql_config().evolve(train=dict(strategy="ddp", cpu_offload=True))
+
+
+def test_cpu_offload_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = default_ilql_config().evolve(train=dict(strategy="fsdp", cpu_offload=True))
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        Parallel.from_config(config)
 
 
 def test_strategy_without_a_launcher_names_torchrun(monkeypatch):

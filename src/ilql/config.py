@@ -216,6 +216,8 @@ class TrainConfig(_Section):
     # parallel heads); launch with torchrun for anything but "none"
     strategy: str = "none"
     cpu_offload: bool = False
+    # recompute each transformer block in backward instead of keeping its activations
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -234,6 +236,8 @@ class TrainConfig(_Section):
         _check(self.strategy in STRATEGIES, "train.strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         _check(isinstance(self.cpu_offload, bool), "train.cpu_offload", "true or false", self.cpu_offload)
         _check(not self.cpu_offload or self.strategy == "fsdp", "train.cpu_offload", "false unless train.strategy is 'fsdp'", self.cpu_offload)
+        ok = isinstance(self.activation_checkpointing, bool)
+        _check(ok, "train.activation_checkpointing", "true or false", self.activation_checkpointing)
         ok = self.mixed_precision in MIXED_PRECISIONS
         _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
         _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)

@@ -279,6 +279,7 @@ class Parallel:
     local_rank: int = 0
     mixed_precision: str = "no"
     cpu_offload: bool = False
+    activation_checkpointing: bool = False
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     mesh: Any = None
 
@@ -289,8 +290,11 @@ class Parallel:
         train = config.train
         strategy = getattr(train, "strategy", "none")
         cuda = torch.cuda.is_available()
+        checkpointing = getattr(train, "activation_checkpointing", False)
         if strategy == "none":
-            return cls(device=torch.device("cuda" if cuda else "cpu"))
+            return cls(device=torch.device("cuda" if cuda else "cpu"), activation_checkpointing=checkpointing)
+        if getattr(train, "cpu_offload", False) and not cuda:
+            raise ConfigError("train.cpu_offload moves FSDP shards from the GPU to the host: it needs a GPU; set it to false")
         init_process_group()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -306,6 +310,7 @@ class Parallel:
             local_rank=local_rank,
             mixed_precision=getattr(train, "mixed_precision", "no"),
             cpu_offload=getattr(train, "cpu_offload", False),
+            activation_checkpointing=checkpointing,
             device=device,
             mesh=mesh,
         )
@@ -334,6 +339,9 @@ class Parallel:
         """Move `model` to this rank's device and distribute it; returns the model to train
         (the same object for fsdp / tp, a delegating DDP wrapper for ddp)."""
         model = model.to(self.device)
+        if self.activation_checkpointing:
+            # non-reentrant: works under FSDP2 and with frozen (requires_grad=False) inputs
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             return _DDP(model, device_ids=device_ids)

@@ -10,6 +10,8 @@ processes hits them alike; the figure per path is its median over rounds:
                 KV cache), beta=1, top-k after the advantage (trlx's order, the default);
 - ilql_behaviour: the same with ``filter_on="behaviour"`` (top-k on the behaviour policy,
                 heads only at the k candidates: the original ILQL's decoding);
+- ilql_fast / ilql_behaviour_fast: the two above with ``sample_over="candidates"`` (the draw
+                among the k survivors: same distribution, not transformers' random stream);
 - hf_processor: ``transformers`` generate with `ILQLLogitsProcessor` (same scores as ilql);
 - naive:        every step runs the whole model on the whole sequence with no cache and all
                 heads over the whole vocabulary (trained Q heads included), as a straightforward
@@ -92,6 +94,9 @@ def paths(model, ids, new_tokens, top_k, beta):
         "hf_plain": lambda: base.generate(ids, do_sample=True, top_k=top_k, **common),
         "ilql": lambda: model.generate(ids, beta=beta, top_k=top_k, temperature=1.0, **common),
         "ilql_behaviour": lambda: model.generate(ids, beta=beta, top_k=top_k, filter_on="behaviour", **common),
+        "ilql_fast": lambda: model.generate(ids, beta=beta, top_k=top_k, sample_over="candidates", **common),
+        "ilql_behaviour_fast": lambda: model.generate(ids, beta=beta, top_k=top_k, filter_on="behaviour",
+                                                      sample_over="candidates", **common),
         "hf_processor": lambda: hf_generate(model, ids, beta=beta, do_sample=True, top_k=top_k, **common),
         "naive": lambda: naive_generate(model, ids, beta, new_tokens, top_k),
     }
@@ -129,17 +134,19 @@ def main() -> None:
             print(f"round {r} {name}: {times[name][-1]:.2f}s", flush=True)
 
     tokens = args.batch * args.new_tokens
+    times = {name: t for name, t in times.items() if t}  # --naive-rounds 0 skips the naive path
     tps = {name: tokens / statistics.median(t) for name, t in times.items()}
-    ratios = {f"{p}/{b}": tps[p] / tps[b] for p in ("ilql", "ilql_behaviour", "hf_processor")
-              for b in ("hf_plain", "naive")}
+    ratios = {f"{p}/{b}": tps[p] / tps[b] for p in ("ilql", "ilql_fast", "ilql_behaviour", "ilql_behaviour_fast",
+                                                  "hf_processor")
+              for b in ("hf_plain", "naive") if b in tps}
     print(f"\nguided generation, batch {args.batch}, {args.new_tokens} new tokens, vocab {args.vocab}, "
           f"{args.layers} layers x {args.width}, torch threads {torch.get_num_threads()}")
-    print(f"{'path':<16}{'tokens/s':>10}{'median s':>10}{'runs':>6}")
+    print(f"{'path':<20}{'tokens/s':>10}{'median s':>10}{'runs':>6}")
     for name, t in times.items():
-        print(f"{name:<16}{tps[name]:>10.1f}{statistics.median(t):>10.2f}{len(t):>6}")
+        print(f"{name:<20}{tps[name]:>10.1f}{statistics.median(t):>10.2f}{len(t):>6}")
     print()
     for key, value in ratios.items():
-        print(f"{key:<28}{value:>8.2f}x")
+        print(f"{key:<32}{value:>8.2f}x")
     macs = macs_per_token(model, args.top_k)
     bound = {f"{p}/hf_plain": macs["hf_plain"] / macs[p] for p in ("ilql", "ilql_behaviour")}
     print("\nmatmul work per token (M multiply-adds) and the compute-bound ceiling of the ratio:")

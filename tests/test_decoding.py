@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ilql import AutoModelForCausalLMWithILQLHeads, ConfigError
-from ilql.generation import Guide, check_gen_kwargs, penalize_repetitions, top_p_mask
+from ilql.generation import Guide, check_gen_kwargs, penalize_repetitions, top_k_mask, top_p_mask
 from ilql.logits_process import ILQLLogitsProcessor, hf_generate
 
 PAD = 22
@@ -167,6 +167,21 @@ def test_behaviour_filter_evaluates_heads_only_at_candidates(gpt2):
     kept = torch.isfinite(sparse)
     assert kept.sum(-1).tolist() == [5, 5, 5]
     torch.testing.assert_close(sparse[kept], full[kept])
+
+
+def test_sampling_over_candidates_has_the_same_distribution(gpt2):
+    ids = torch.tensor([[1, 2, 3]] * 4000)
+    kw = dict(beta=2, top_k=6, temperature=0.8, max_new_tokens=1, return_dict=True)
+    fast = gen(gpt2, ids, sample_over="candidates", generator=seeded(1), **kw)
+    slow = gen(gpt2, ids, generator=seeded(2), **kw)
+    # the per-step KL does not depend on the drawn token: both supports give the same value
+    torch.testing.assert_close(fast.kl, slow.kl, rtol=1e-4, atol=1e-5)
+    h = gpt2.hidden_states(ids[:1])[0][:, -1]
+    scores = Guide(gpt2, beta=2)(h, gpt2.lm_logits(h))[0] / 0.8
+    probs = F.softmax(top_k_mask(scores, 6), -1)[0]
+    for out in (fast, slow):
+        freq = torch.bincount(out.sequences[:, -1], minlength=probs.numel()).float() / len(ids)
+        assert (freq - probs).abs().max() < 0.04 and freq[probs == 0].sum() == 0
 
 
 # -------------------------------------------------------------------------------- search

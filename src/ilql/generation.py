@@ -33,6 +33,7 @@ from .errors import ConfigError
 WEIGHTINGS = ("exp", "sign")
 FILTER_STAGES = ("guided", "behaviour")
 RANK_BY = ("advantage", "logprob", "mix")
+SAMPLE_OVER = ("vocab", "candidates")
 
 
 @dataclass
@@ -85,6 +86,7 @@ _CHECKS = {
     "best_of": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "rank_by": (lambda v: v in RANK_BY, f"one of {', '.join(RANK_BY)}"),
     "rank_weight": (lambda v: _is_real(v), "a finite number"),
+    "sample_over": (lambda v: v in SAMPLE_OVER, f"one of {', '.join(SAMPLE_OVER)}"),
     "stop_sequences": (
         lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v)),
         "None or a list of non-empty strings",
@@ -284,12 +286,16 @@ class _Stats:
         self.advantage, self.logprob, self.kl = zeros(), zeros(), zeros()
         self.count = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def add(self, active, chosen, raw_logp, chosen_adv, final_scores, greedy: bool) -> None:
+    def add(self, active, chosen, raw_logp, chosen_adv, final_scores, greedy: bool, support=None) -> None:
+        """`final_scores` are the scores the token was drawn from, over the whole vocabulary
+        or over the token ids `support` [B, C] (the rest had probability 0)."""
         index = chosen[:, None]
         chosen_logp = raw_logp.gather(-1, index).squeeze(-1)
         if greedy:
             kl = -chosen_logp
         else:
+            if support is not None:
+                raw_logp = raw_logp.gather(-1, support)
             q_logp = F.log_softmax(final_scores, dim=-1)
             terms = torch.where(torch.isfinite(q_logp), q_logp.exp() * (q_logp - raw_logp), 0.0)
             kl = terms.sum(-1)
@@ -379,6 +385,7 @@ def generate(
     best_of: int = 1,
     rank_by: str = "advantage",
     rank_weight: float = 1.0,
+    sample_over: str = "vocab",
     return_dict: bool = False,
 ):
     """Generate continuations of a (left-padded) batch; returns prompt + new tokens, or a
@@ -392,7 +399,9 @@ def generate(
     min_new_tokens, stop_sequences (with `tokenizer`; a row stops once its text contains one).
 
     Search: ``num_beams > 1`` runs beam search over the normalised guided scores (see
-    `beam_search`); ``best_of = N`` draws N samples per prompt and keeps the best by `rank_by`:
+    `beam_search`); ``sample_over="candidates"`` draws among the top-k survivors only (same
+    distribution, much less random-number work, not transformers' random stream; the default
+    "vocab" reproduces transformers' sampling exactly); ``best_of = N`` draws N samples per prompt and keeps the best by `rank_by`:
     "advantage" (summed A), "logprob" (behaviour log-probability) or "mix"
     (``advantage + rank_weight * logprob``).
 
@@ -405,6 +414,7 @@ def generate(
         top_p=top_p, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
         advantage_clip=advantage_clip, weighting=weighting, filter_on=filter_on, num_beams=num_beams,
         best_of=best_of, rank_by=rank_by, rank_weight=rank_weight, stop_sequences=stop_sequences,
+        sample_over=sample_over,
     ))
     eos_token_id, pad_token_id = _resolve_special_ids(model.config, eos_token_id, pad_token_id)
     if logit_mask is not None and logit_mask.dim() != 2:
@@ -428,11 +438,32 @@ def generate(
         from .search import best_of_n
 
         out = best_of_n(model, input_ids, attention_mask, n=best_of, rank_by=rank_by, rank_weight=rank_weight,
-                        temperature=temperature, generator=generator, **common)
+                        temperature=temperature, generator=generator, sample_over=sample_over, **common)
     else:
         out = sample(model, input_ids, attention_mask, position_ids, past_key_values, temperature=temperature,
-                     generator=generator, with_stats=return_dict, **common)
+                     generator=generator, with_stats=return_dict, sample_over=sample_over, **common)
     return out if return_dict else out.sequences
+
+
+def _choose(scores, greedy, top_k, top_p, filter_on, sample_over, generator):
+    """Step 4's filters (guided mode) and step 5. Returns the chosen ids, the scores they were
+    drawn from and those scores' token ids (None: the whole vocabulary).
+
+    ``sample_over="candidates"`` (with top-k) draws among the k survivors only: the same
+    distribution as a draw over the vocabulary, without a random number per vocabulary entry
+    (what ``torch.multinomial`` spends most of its time on), but a different random stream
+    than transformers' sampling."""
+    if sample_over == "candidates" and not greedy and top_k and 0 < top_k < scores.shape[-1]:
+        scores, support = scores.topk(top_k, dim=-1)
+        if filter_on == "guided":
+            scores = top_p_mask(scores, top_p)
+        pick = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)
+        return support.gather(-1, pick).squeeze(-1), scores, support
+    if filter_on == "guided":
+        scores = top_p_mask(top_k_mask(scores, top_k), top_p)
+    if greedy:
+        return scores.argmax(dim=-1), scores, None
+    return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1), scores, None
 
 
 def _prepare(model, input_ids, attention_mask, position_ids, past_key_values):
@@ -452,7 +483,7 @@ def sample(
     model, input_ids, attention_mask=None, position_ids=None, past_key_values=None, *, beta=1, max_new_tokens=32,
     max_length=1024, temperature=1, top_k=20, top_p=None, logit_mask=None, pad_token_id=0, eos_token_id=None,
     generator=None, min_new_tokens=0, repetition_penalty=1.0, advantage_clip=None, weighting="exp",
-    filter_on="guided", stop_sequences=None, tokenizer=None, with_stats=True,
+    filter_on="guided", stop_sequences=None, tokenizer=None, with_stats=True, sample_over="vocab",
 ) -> GenerationOutput:
     """The sampling / greedy loop behind `generate` (one candidate per row)."""
     attention_mask, position_ids, past_key_values = _prepare(
@@ -480,15 +511,10 @@ def sample(
             scores, advantage = guide(h, logits)
             if not greedy and temperature != 1:
                 scores = scores / temperature
-            if filter_on == "guided":
-                scores = top_p_mask(top_k_mask(scores, top_k), top_p)
-            if greedy:
-                next_ids = scores.argmax(dim=-1)
-            else:
-                next_ids = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
+            next_ids, scores, support = _choose(scores, greedy, top_k, top_p, filter_on, sample_over, generator)
             if stats is not None:
                 chosen_adv = guide.chosen_advantage(h, advantage, next_ids)
-                stats.add(~finished, next_ids, F.log_softmax(raw, dim=-1), chosen_adv, scores, greedy)
+                stats.add(~finished, next_ids, F.log_softmax(raw, dim=-1), chosen_adv, scores, greedy, support)
             next_ids = next_ids.masked_fill(finished, pad_token_id)
             samples = torch.cat([samples, next_ids[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)

@@ -108,8 +108,17 @@ def scenario_learn(tokenizer_path, tmp, strategy, kind="gpt2", resume=None, **ov
     if resume is not None:
         trainer.load_checkpoint(resume)
     trainer.learn()
-    trainer.save_pretrained(Path(tmp) / f"final_{strategy}")  # gathered on rank 0 under fsdp / tp
-    return {"history": [{k: v for k, v in r.items() if not k.startswith("time/")} for r in trainer.history]}
+    trainer.save_pretrained(Path(tmp) / f"final_{strategy}_{kind}")  # gathered on rank 0 under fsdp / tp
+    return {"history": [{k: v for k, v in r.items() if not k.startswith("time/")} for r in trainer.history],
+            "sharded_trunk_params": sharded_trunk_params(trainer.model)}
+
+
+def sharded_trunk_params(model):
+    """Names of the trunk's parameters that are DTensors (sharded by "tp" or "fsdp")."""
+    from torch.distributed.tensor import DTensor
+
+    trunk = model.base_model.base_model
+    return sorted(n for n, p in trunk.named_parameters() if isinstance(p, DTensor))
 
 
 SCENARIOS = {"losses": scenario_losses, "save": scenario_save, "resume": scenario_resume, "learn": scenario_learn}

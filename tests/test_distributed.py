@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
     build_tokenizer(21).save_pretrained(tok)
     out = {
         "ref": worker.scenario_learn(tok, tmp, "none"),  # checkpoints in ckpts_none
-        "ref_llama": worker.scenario_losses(tok, tmp, "none", kind="llama"),
+        "ref_llama": worker.scenario_learn(tok, tmp, "none", kind="llama", train=dict(checkpoint_dir=str(tmp / "ckpts_llama"))),
         "ref_bf16": worker.scenario_losses(tok, tmp, "none", train=dict(mixed_precision="bf16")),
         # a sharded checkpoint written by 1 rank, to be resumed by 2
         "one_rank": worker.scenario_save(tok, tmp, "none", path=str(tmp / "one_rank")),
@@ -64,7 +64,8 @@ def runs(tmp_path_factory):
         ["ddp", "learn", {"strategy": "ddp"}],
         ["fsdp", "learn", {"strategy": "fsdp"}],  # sharded checkpoints at steps 3, 6, 9, 10
         ["tp", "learn", {"strategy": "tp"}],  # GPT-2: tied embedding and LM head
-        ["tp_llama", "losses", {"strategy": "tp", "kind": "llama"}],  # untied LM head
+        # Llama: trunk sharded by its tensor-parallel plan too, untied LM head
+        ["tp_llama", "learn", {"strategy": "tp", "kind": "llama", "train": {"checkpoint_dir": str(tmp / "ckpts_tp_llama")}}],
         ["fsdp_llama_chunked_off", "losses", {"strategy": "fsdp", "kind": "llama", "method": {"chunk_size": None}}],
         ["from_one_rank", "resume", {"strategy": "fsdp", "path": str(tmp / "one_rank")}],
         ["fsdp_bf16", "losses", {"strategy": "fsdp", "train": {"mixed_precision": "bf16"}}],
@@ -89,12 +90,20 @@ def test_per_step_losses_equal_single_process(runs, strategy):
     assert ref[0] != pytest.approx(ref[-1], abs=1e-2)  # training moved: the check is not vacuous
 
 
-def test_llama_tensor_parallel_and_fsdp_reference_loss_path(runs):
-    ref = runs["ref_llama"]["losses"]
-    for name in ("tp_llama", "fsdp_llama_chunked_off"):
-        got = runs[name]["losses"]
+def test_llama_tensor_parallel_trunk_and_fsdp_reference_loss_path(runs):
+    ref = _losses(runs["ref_llama"]["history"])
+    for name, got in (("tp_llama", _losses(runs["tp_llama"]["history"])), ("fsdp", runs["fsdp_llama_chunked_off"]["losses"])):
         assert len(got) == worker.STEPS
         assert max(abs(a - b) for a, b in zip(ref, got)) < TOL, (name, ref, got)
+    # the trunk really was sharded (attention and MLP projections), and decoding through the
+    # sharded trunk's KV cache gives the single-process evaluation
+    sharded = runs["tp_llama"]["sharded_trunk_params"]
+    assert "layers.0.self_attn.q_proj.weight" in sharded and "layers.1.mlp.down_proj.weight" in sharded
+    assert "norm.weight" not in sharded
+    ref_evals, tp_evals = _evals(runs["ref_llama"]["history"]), _evals(runs["tp_llama"]["history"])
+    assert len(ref_evals) == len(tp_evals) == 2
+    for a, b in zip(ref_evals, tp_evals):
+        assert b == pytest.approx(a, abs=1e-4)
 
 
 def test_fsdp_activation_checkpointing_and_bf16(runs):
@@ -137,7 +146,7 @@ def test_sharded_runs_save_full_hf_checkpoints(runs, strategy):
     got_dir = runs["tmp"] / f"ckpts_{strategy}" / "checkpoint_0000010"
     got = AutoModelForCausalLMWithILQLHeads.from_pretrained(got_dir)
     assert (got_dir / "sharded").is_dir()
-    final = AutoModelForCausalLMWithILQLHeads.from_pretrained(runs["tmp"] / f"final_{strategy}")
+    final = AutoModelForCausalLMWithILQLHeads.from_pretrained(runs["tmp"] / f"final_{strategy}_gpt2")
     for key, value in got.state_dict().items():  # save_pretrained after the last step: the same weights
         torch.testing.assert_close(final.state_dict()[key], value, msg=key)
     got_state = got.state_dict()

@@ -248,6 +248,26 @@ def shard_vocabulary_heads(model, mesh) -> None:
         base.set_output_embeddings(VocabParallelLinear(lm_head, mesh))
 
 
+def shard_trunk(model, mesh) -> bool:
+    """Tensor-parallel trunk through the architecture's own plan (transformers'
+    ``config.base_model_tp_plan``, e.g. Llama: q/k/v/gate/up column-wise, o/down row-wise) with
+    torch's ColwiseParallel / RowwiseParallel. False (trunk left replicated) without a plan."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    config = model.config
+    plan = getattr(config, "base_model_tp_plan", None)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    if not plan or any(style not in styles for style in plan.values()):
+        return False
+    size = mesh.size()
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, name, None)
+        if heads is not None and heads % size:
+            raise ConfigError(f"train.strategy='tp' over {size} ranks needs {name} ({heads}) divisible by {size}")
+    parallelize_module(model.base_model.base_model, mesh, {key: styles[style]() for key, style in plan.items()})
+    return True
+
+
 # ------------------------------------------------------------------------------- DDP wrapper
 class _DDP(torch.nn.parallel.DistributedDataParallel):
     """DDP whose forward synchronises gradients and which otherwise behaves like the wrapped
@@ -348,6 +368,7 @@ class Parallel:
         if self.strategy == "fsdp":
             return self._fully_shard(model)
         if self.strategy == "tp":
+            shard_trunk(model, self.mesh)
             shard_vocabulary_heads(model, self.mesh)
         return model
 

@@ -147,6 +147,16 @@ def test_sign_weighting_adds_plus_or_minus_beta(gpt2):
     torch.testing.assert_close(shift, 2 * torch.sign(adv))
 
 
+def test_large_beta_sign_weighting_picks_the_likeliest_positive_advantage_token(model):
+    ids = torch.tensor([[1, 2, 3]])
+    out = gen(model, ids, beta=1e3, weighting="sign", temperature=0, top_k=0, max_new_tokens=1)
+    h = model.hidden_states(ids)[0][:, -1]
+    logp, adv = F.log_softmax(model.lm_logits(h), -1)[0], model.ilql_heads.advantage(h)[0]
+    assert (adv > 0).any() and (adv < 0).any()
+    expected = logp.masked_fill(adv <= 0, float("-inf")).argmax().item()
+    assert out[0, -1].item() == expected
+
+
 def test_filter_on_behaviour_keeps_the_behaviour_support(model):
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     plain = gen(model, ids, beta=0, temperature=0)

@@ -70,6 +70,8 @@ def runs(tmp_path_factory):
         ["from_one_rank", "resume", {"strategy": "fsdp", "path": str(tmp / "one_rank")}],
         ["fsdp_bf16", "losses", {"strategy": "fsdp", "train": {"mixed_precision": "bf16"}}],
         ["fsdp_recompute", "losses", {"strategy": "fsdp", "train": {"activation_checkpointing": True}}],
+        ["ddp_accumulate", "losses", {"strategy": "ddp", "train": {"gradient_accumulation_steps": 2}}],
+        ["fsdp_accumulate", "losses", {"strategy": "fsdp", "train": {"gradient_accumulation_steps": 3}}],
     ]
     out.update(_launch(tok, tmp, jobs))
     # the 2-rank FSDP checkpoint of step 6 (mid-epoch), resumed by one process without any
@@ -116,6 +118,21 @@ def test_fsdp_activation_checkpointing_and_bf16(runs):
     assert len(got) == worker.STEPS
     assert max(abs(a - b) for a, b in zip(ref_bf16, got)) < 2e-2, (ref_bf16, got)
     assert max(abs(a - b) for a, b in zip(ref, got)) > 1e-6  # bf16 did take effect
+
+
+@pytest.mark.parametrize("name", ["ddp_accumulate", "fsdp_accumulate"])
+def test_gradient_accumulation_over_ranks(runs, name):
+    """Chunks of a rank's batch, gradients reduced after the last: the single-process curve."""
+    ref, got = _losses(runs["ref"]["history"]), runs[name]["losses"]
+    assert len(got) == worker.STEPS
+    assert max(abs(a - b) for a, b in zip(ref, got)) < TOL, (ref, got)
+
+
+def test_gradient_accumulation_single_process(tmp_path, saved_tokenizer):
+    """Uneven chunks (8 rows in 3) weighted by their actions give the whole batch's loss."""
+    whole, _ = worker.make_trainer(saved_tokenizer, tmp_path, "none")
+    chunked, _ = worker.make_trainer(saved_tokenizer, tmp_path, "none", train=dict(gradient_accumulation_steps=3))
+    assert worker.run_steps(chunked, 3) == pytest.approx(worker.run_steps(whole, 3), abs=1e-6)
 
 
 def test_activation_checkpointing_single_process(tmp_path, saved_tokenizer):
@@ -184,6 +201,8 @@ def test_strategy_config_is_validated():
         default_ilql_config().evolve(train=dict(strategy="zero3"))
     with pytest.raises(ConfigError, match="train.cpu_offload"):
         default_ilql_config().evolve(train=dict(strategy="ddp", cpu_offload=True))
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps"):
+        default_ilql_config().evolve(train=dict(gradient_accumulation_steps=0))
 
 
 def test_cpu_offload_without_a_gpu_is_refused(monkeypatch):

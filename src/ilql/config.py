@@ -218,6 +218,8 @@ class TrainConfig(_Section):
     cpu_offload: bool = False
     # recompute each transformer block in backward instead of keeping its activations
     activation_checkpointing: bool = False
+    # split each batch into this many chunks, one forward/backward each, one optimizer step
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -238,6 +240,7 @@ class TrainConfig(_Section):
         _check(not self.cpu_offload or self.strategy == "fsdp", "train.cpu_offload", "false unless train.strategy is 'fsdp'", self.cpu_offload)
         ok = isinstance(self.activation_checkpointing, bool)
         _check(ok, "train.activation_checkpointing", "true or false", self.activation_checkpointing)
+        _positive_int("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
         ok = self.mixed_precision in MIXED_PRECISIONS
         _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
         _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)

@@ -442,21 +442,49 @@ class Parallel:
             self._starts = [sum(sizes[:r]) for r in range(self.world_size)]
         return self._starts[self.rank]
 
-    def global_mean(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor], dones: torch.Tensor):
-        """Turn per-rank means over this rank's actions into means over the global batch.
+    def forward_backward(self, loss_fn, batch, model, micro_batches: int = 1):
+        """Forward and backward of one optimizer step: this rank's part of the global batch,
+        in `micro_batches` row chunks (gradient accumulation) whose gradients are reduced over
+        the ranks only after the last chunk.
 
-        The loss to backpropagate is scaled by ``n_rank * dp_size / n_global`` so that DDP's and
-        FSDP's gradient averaging yields the gradient of the global-batch loss; the statistics
-        (means over actions) are combined with weights ``n_rank / n_global``."""
-        if self.dp_size == 1:
-            return loss, stats
-        n = dones[:, :-1].sum().to(torch.float64)
-        names = list(stats)
-        packed = torch.stack([n] + [stats[k].detach().to(torch.float64) * n for k in names])
-        dist.all_reduce(packed)
-        total = packed[0].clamp(min=1)
-        scale = (n * self.dp_size / total).to(loss.dtype)
-        return loss * scale, {k: (packed[i + 1] / total).to(stats[k].dtype) for i, k in enumerate(names)}
+        Every chunk's loss is a mean over its own actions; it is weighted by
+        ``n_chunk / n_global`` (the global batch's actions, all ranks and chunks), times the
+        data-parallel degree that DDP's / FSDP's gradient averaging divides by. The gradients,
+        the returned (detached) loss and the statistics (means over actions) therefore equal
+        one pass over the whole global batch in a single process."""
+        count = lambda b: b.dones[:, :-1].sum().to(torch.float64)  # noqa: E731  (actions)
+        total = count(batch)
+        if self.dp_size > 1:
+            dist.all_reduce(total)
+        total = total.clamp(min=1)
+        chunks = [rows for rows in torch.arange(batch.dones.shape[0]).tensor_split(micro_batches) if len(rows)]
+        loss_sum, stat_sums = None, {}
+        for i, rows in enumerate(chunks):
+            chunk = type(batch)(**{k: v[rows.to(v.device)] for k, v in vars(batch).items()})
+            weight = count(chunk) / total
+            with self._gradient_sync(model, i == len(chunks) - 1):
+                loss, stats = loss_fn(chunk)
+                (loss * (weight * self.dp_size).to(loss.dtype)).backward()
+            loss_sum = loss.detach().double() * weight + (0 if loss_sum is None else loss_sum)
+            for k, v in stats.items():
+                stat_sums[k] = v.detach().double() * weight + stat_sums.get(k, 0)
+        names = list(stat_sums)
+        packed = torch.stack([loss_sum] + [stat_sums[k] for k in names])
+        if self.dp_size > 1:
+            dist.all_reduce(packed)
+        return packed[0].float(), {k: packed[i + 1].float() for i, k in enumerate(names)}
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, model, sync: bool):
+        """Skip the gradient reduction of DDP / FSDP for all but the last accumulated chunk."""
+        if self.strategy == "ddp" and not sync:
+            with model.no_sync():
+                yield
+        elif self.strategy == "fsdp":
+            model.set_requires_gradient_sync(sync)
+            yield
+        else:
+            yield
 
     def local_grads(self, model) -> List[torch.Tensor]:
         """The gradients this rank holds, as plain tensors (a DTensor gives its local shard)."""

@@ -205,10 +205,11 @@ class ILQLTrainer:
 
     def train_step(self, batch) -> Dict[str, float]:
         self.model.train()  # dropout on for every step, whatever evaluation did before
-        loss, stats = self.loss(batch.to(self.device))
-        loss, stats = self.parallel.global_mean(loss, stats, batch.dones)  # data parallel: global-batch means
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # forward + backward in train.gradient_accumulation_steps chunks; means over the global batch
+        loss, stats = self.parallel.forward_backward(
+            self.loss, batch.to(self.device), self.model, self.config.train.gradient_accumulation_steps
+        )
         if self._skip_nonfinite(loss, stats):
             return {"nonfinite/skipped": float(self.nonfinite_total)}
         self.optimizer.step()

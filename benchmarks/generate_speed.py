@@ -12,6 +12,8 @@ processes hits them alike; the figure per path is its median over rounds:
                 heads only at the k candidates: the original ILQL's decoding);
 - ilql_fast / ilql_behaviour_fast: the two above with ``sample_over="candidates"`` (the draw
                 among the k survivors: same distribution, not transformers' random stream);
+- ilql_fast_bf16: ilql_fast with ``heads_dtype="bfloat16"`` (heads on a bf16 copy: approximate
+                advantage; the LM stays float32);
 - hf_processor: ``transformers`` generate with `ILQLLogitsProcessor` (same scores as ilql);
 - naive:        every step runs the whole model on the whole sequence with no cache and all
                 heads over the whole vocabulary (trained Q heads included), as a straightforward
@@ -97,6 +99,8 @@ def paths(model, ids, new_tokens, top_k, beta):
         "ilql_fast": lambda: model.generate(ids, beta=beta, top_k=top_k, sample_over="candidates", **common),
         "ilql_behaviour_fast": lambda: model.generate(ids, beta=beta, top_k=top_k, filter_on="behaviour",
                                                       sample_over="candidates", **common),
+        "ilql_fast_bf16": lambda: model.generate(ids, beta=beta, top_k=top_k, sample_over="candidates",
+                                                 heads_dtype="bfloat16", **common),
         "hf_processor": lambda: hf_generate(model, ids, beta=beta, do_sample=True, top_k=top_k, **common),
         "naive": lambda: naive_generate(model, ids, beta, new_tokens, top_k),
     }
@@ -136,8 +140,8 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
     times = {name: t for name, t in times.items() if t}  # --naive-rounds 0 skips the naive path
     tps = {name: tokens / statistics.median(t) for name, t in times.items()}
-    ratios = {f"{p}/{b}": tps[p] / tps[b] for p in ("ilql", "ilql_fast", "ilql_behaviour", "ilql_behaviour_fast",
-                                                  "hf_processor")
+    ratios = {f"{p}/{b}": tps[p] / tps[b] for p in ("ilql", "ilql_fast", "ilql_fast_bf16", "ilql_behaviour",
+                                                  "ilql_behaviour_fast", "hf_processor")
               for b in ("hf_plain", "naive") if b in tps}
     print(f"\nguided generation, batch {args.batch}, {args.new_tokens} new tokens, vocab {args.vocab}, "
           f"{args.layers} layers x {args.width}, torch threads {torch.get_num_threads()}")

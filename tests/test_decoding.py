@@ -194,6 +194,20 @@ def test_sampling_over_candidates_has_the_same_distribution(gpt2):
         assert (freq - probs).abs().max() < 0.04 and freq[probs == 0].sum() == 0
 
 
+def test_bfloat16_heads_approximate_the_float32_guidance(gpt2):
+    h = torch.randn(4, gpt2.ilql_heads.hidden_size)
+    logits = gpt2.lm_logits(h)
+    exact, adv = Guide(gpt2, beta=2)(h, logits)
+    fast = Guide(gpt2, beta=2, heads_dtype="bfloat16")
+    approx, adv16 = fast(h, logits)
+    assert fast.target_heads[0][0].weight.dtype == torch.bfloat16
+    assert gpt2.ilql_heads.target_q_heads[0][0].weight.dtype == torch.float32  # the model is untouched
+    assert approx.dtype == torch.float32 and not torch.equal(adv, adv16)
+    torch.testing.assert_close(adv16, adv, rtol=0.05, atol=0.05 * adv.abs().max().item())
+    out = gen(gpt2, torch.tensor([[1, 2, 3]]), beta=2, heads_dtype="bfloat16", return_dict=True, generator=seeded())
+    assert out.sequences.shape == (1, 9) and torch.isfinite(out.kl).all()
+
+
 # -------------------------------------------------------------------------------- search
 def test_beam_width_one_is_greedy(model):
     ids, mask = left_pad([[1, 2, 3], [4, 5]])
@@ -337,7 +351,8 @@ def test_bad_decoding_arguments_name_the_key(gpt2):
     ids = torch.tensor([[1, 2]])
     for bad, match in [(dict(top_p=0), "top_p"), (dict(temperature=-1), "temperature"),
                        (dict(weighting="linear"), "weighting"), (dict(num_beams=0), "num_beams"),
-                       (dict(filter_on="both"), "filter_on"), (dict(repetition_penalty=0), "repetition_penalty")]:
+                       (dict(filter_on="both"), "filter_on"), (dict(repetition_penalty=0), "repetition_penalty"),
+                       (dict(heads_dtype="int8"), "heads_dtype"), (dict(sample_over="all"), "sample_over")]:
         with pytest.raises(ConfigError, match=match):
             gpt2.generate(ids, **bad)
     with pytest.raises(ConfigError, match="method.gen_kwargs.top_p"):
@@ -395,5 +410,8 @@ def test_cli_generate_with_decoding_flags(tmp_path, gpt2, walks_tokenizer, capsy
     stop = greedy[0][3]  # the third generated character
     assert main(base + ["--stop", stop]) == 0
     assert capsys.readouterr().out.splitlines()[0] == greedy[0][: greedy[0].index(stop, 1)]
+    assert main(base + ["--heads-dtype", "bfloat16", "--sample-over", "candidates", "--top-k", "5",
+                        "--temperature", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(base + ["--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err

@@ -149,6 +149,7 @@ def generate_command(args) -> int:
         repetition_penalty=args.repetition_penalty, advantage_clip=args.advantage_clip,
         weighting=args.weighting, filter_on=args.filter_on, num_beams=args.num_beams, best_of=args.best_of,
         rank_by=args.rank_by, rank_weight=args.rank_weight, stop_sequences=args.stop,
+        sample_over=args.sample_over, heads_dtype=args.heads_dtype,
     )
     check_gen_kwargs(gen_kwargs, prefix="ilql generate")  # bad flags fail before the model loads
     model = AutoModelForCausalLMWithILQLHeads.from_pretrained(args.model)
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--best-of", type=int, default=1, help="draw N samples, keep the best by --rank-by")
     gen.add_argument("--rank-by", choices=["advantage", "logprob", "mix"], default="advantage")
     gen.add_argument("--rank-weight", type=float, default=1.0, help="mix: advantage + w * logprob")
+    gen.add_argument("--sample-over", choices=["vocab", "candidates"], default="vocab",
+                     help="candidates: draw among the top-k survivors (faster, same distribution)")
+    gen.add_argument("--heads-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="run the V / target Q heads on a copy in this dtype (faster, approximate)")
     gen.add_argument("--stats", action="store_true", help="print summed advantage, behaviour log-prob and KL")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=generate_command)

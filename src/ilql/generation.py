@@ -22,6 +22,7 @@ with a KV cache; in behaviour-filter mode the Q heads run only at the kept candi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -34,6 +35,7 @@ WEIGHTINGS = ("exp", "sign")
 FILTER_STAGES = ("guided", "behaviour")
 RANK_BY = ("advantage", "logprob", "mix")
 SAMPLE_OVER = ("vocab", "candidates")
+HEADS_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -87,6 +89,7 @@ _CHECKS = {
     "rank_by": (lambda v: v in RANK_BY, f"one of {', '.join(RANK_BY)}"),
     "rank_weight": (lambda v: _is_real(v), "a finite number"),
     "sample_over": (lambda v: v in SAMPLE_OVER, f"one of {', '.join(SAMPLE_OVER)}"),
+    "heads_dtype": (lambda v: v in (None, *HEADS_DTYPES), f"None or one of {', '.join(HEADS_DTYPES)}"),
     "stop_sequences": (
         lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v)),
         "None or a list of non-empty strings",
@@ -199,9 +202,10 @@ class Guide:
         filter_on: str = "guided",
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
+        heads_dtype: Optional[str] = None,
     ):
         check_gen_kwargs(dict(beta=beta, weighting=weighting, advantage_clip=advantage_clip,
-                              filter_on=filter_on, top_k=top_k, top_p=top_p))
+                              filter_on=filter_on, top_k=top_k, top_p=top_p, heads_dtype=heads_dtype))
         self.model = model
         self.beta = beta
         self.weighting = weighting
@@ -209,17 +213,23 @@ class Guide:
         self.filter_on = filter_on
         self.top_k = top_k
         self.top_p = top_p
+        heads = model.ilql_heads
+        self.v_head, self.target_heads = heads.v_head, list(heads.target_q_heads)
+        dtype = getattr(torch, heads_dtype) if heads_dtype else None
+        if dtype is not None and dtype != heads.v_head[0].weight.dtype:
+            # copies for this call only: training keeps moving the real heads
+            self.v_head = copy.deepcopy(heads.v_head).to(dtype)
+            self.target_heads = [copy.deepcopy(t).to(dtype) for t in heads.target_q_heads]
+        self.heads_dtype = self.v_head[0].weight.dtype
 
     def advantage(self, hs: torch.Tensor, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``min_i targetQ_i - V`` over the vocabulary, or at `candidates` ([B, C] token ids)."""
-        heads = self.model.ilql_heads
-        if candidates is None:
-            return heads.advantage(hs).float()
+        hs = hs.to(self.heads_dtype)
         q = None
-        for head in heads.target_q_heads:
-            qi = _head_at_candidates(head, hs, candidates)
+        for head in self.target_heads:
+            qi = head(hs) if candidates is None else _head_at_candidates(head, hs, candidates)
             q = qi if q is None else torch.minimum(q, qi)
-        return (q - heads.v_head(hs)).float()
+        return (q - self.v_head(hs)).float()
 
     def chosen_advantage(self, hs, advantage: Optional[torch.Tensor], chosen: torch.Tensor) -> torch.Tensor:
         """A(s, a) of the chosen tokens [B] (computed at those tokens only when beta was 0)."""
@@ -386,6 +396,7 @@ def generate(
     rank_by: str = "advantage",
     rank_weight: float = 1.0,
     sample_over: str = "vocab",
+    heads_dtype: Optional[str] = None,
     return_dict: bool = False,
 ):
     """Generate continuations of a (left-padded) batch; returns prompt + new tokens, or a
@@ -401,7 +412,9 @@ def generate(
     Search: ``num_beams > 1`` runs beam search over the normalised guided scores (see
     `beam_search`); ``sample_over="candidates"`` draws among the top-k survivors only (same
     distribution, much less random-number work, not transformers' random stream; the default
-    "vocab" reproduces transformers' sampling exactly); ``best_of = N`` draws N samples per prompt and keeps the best by `rank_by`:
+    "vocab" reproduces transformers' sampling exactly); ``heads_dtype="bfloat16"`` runs the V and
+    target Q heads on a bfloat16 copy (faster on CPUs with bf16 units and on GPUs; the
+    advantage then carries bf16 rounding); ``best_of = N`` draws N samples per prompt and keeps the best by `rank_by`:
     "advantage" (summed A), "logprob" (behaviour log-probability) or "mix"
     (``advantage + rank_weight * logprob``).
 
@@ -414,7 +427,7 @@ def generate(
         top_p=top_p, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
         advantage_clip=advantage_clip, weighting=weighting, filter_on=filter_on, num_beams=num_beams,
         best_of=best_of, rank_by=rank_by, rank_weight=rank_weight, stop_sequences=stop_sequences,
-        sample_over=sample_over,
+        sample_over=sample_over, heads_dtype=heads_dtype,
     ))
     eos_token_id, pad_token_id = _resolve_special_ids(model.config, eos_token_id, pad_token_id)
     if logit_mask is not None and logit_mask.dim() != 2:
@@ -424,6 +437,7 @@ def generate(
         logit_mask=logit_mask, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
         min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, advantage_clip=advantage_clip,
         weighting=weighting, filter_on=filter_on, stop_sequences=stop_sequences, tokenizer=tokenizer,
+        heads_dtype=heads_dtype,
     )
     if num_beams > 1 or best_of > 1:
         if past_key_values is not None:
@@ -483,13 +497,13 @@ def sample(
     model, input_ids, attention_mask=None, position_ids=None, past_key_values=None, *, beta=1, max_new_tokens=32,
     max_length=1024, temperature=1, top_k=20, top_p=None, logit_mask=None, pad_token_id=0, eos_token_id=None,
     generator=None, min_new_tokens=0, repetition_penalty=1.0, advantage_clip=None, weighting="exp",
-    filter_on="guided", stop_sequences=None, tokenizer=None, with_stats=True, sample_over="vocab",
+    filter_on="guided", stop_sequences=None, tokenizer=None, with_stats=True, sample_over="vocab", heads_dtype=None,
 ) -> GenerationOutput:
     """The sampling / greedy loop behind `generate` (one candidate per row)."""
     attention_mask, position_ids, past_key_values = _prepare(
         model, input_ids, attention_mask, position_ids, past_key_values
     )
-    guide = Guide(model, beta, weighting, advantage_clip, filter_on, top_k, top_p)
+    guide = Guide(model, beta, weighting, advantage_clip, filter_on, top_k, top_p, heads_dtype)
     stop_strings = _StopStrings(stop_sequences, tokenizer, input_ids.shape[1])
     greedy = temperature == 0
     rows, device = input_ids.shape[0], input_ids.device

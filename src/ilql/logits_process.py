@@ -36,6 +36,7 @@ class ILQLLogitsProcessor(LogitsProcessor):
     behaviour_top_k / behaviour_top_p: filter the behaviour policy before the advantage is
         added (the original ILQL's ``filter_on="behaviour"``); for trlx's order pass top_k /
         top_p to ``generate`` as usual instead.
+    heads_dtype: e.g. "bfloat16": the heads run on a copy in that dtype (see `generate`).
     """
 
     def __init__(
@@ -47,10 +48,11 @@ class ILQLLogitsProcessor(LogitsProcessor):
         logit_mask: Optional[torch.Tensor] = None,
         behaviour_top_k: Optional[int] = None,
         behaviour_top_p: Optional[float] = None,
+        heads_dtype: Optional[str] = None,
     ):
         behaviour = behaviour_top_k is not None or behaviour_top_p is not None
         self.guide = Guide(model, beta, weighting, advantage_clip, "behaviour" if behaviour else "guided",
-                           behaviour_top_k, behaviour_top_p)
+                           behaviour_top_k, behaviour_top_p, heads_dtype)
         self.logit_mask = logit_mask
         self._hidden: Optional[torch.Tensor] = None
         self._handle = model.base_model.base_model.register_forward_hook(self._keep_last_hidden)
@@ -82,13 +84,13 @@ class ILQLLogitsProcessor(LogitsProcessor):
 
 
 def hf_generate(model, input_ids, beta: float = 1, weighting: str = "exp", advantage_clip=None, logit_mask=None,
-                behaviour_top_k=None, behaviour_top_p=None, **generate_kwargs):
+                behaviour_top_k=None, behaviour_top_p=None, heads_dtype=None, **generate_kwargs):
     """``model.base_model.generate(...)`` with guided scores; `generate_kwargs` are the usual
     transformers arguments (do_sample, temperature, top_k, top_p, streamer, stopping_criteria,
     stop_strings + tokenizer, repetition_penalty, min_new_tokens, ...)."""
     processors = list(generate_kwargs.pop("logits_processor", None) or [])
     with ILQLLogitsProcessor(model, beta, weighting, advantage_clip, logit_mask, behaviour_top_k,
-                             behaviour_top_p) as guided:
+                             behaviour_top_p, heads_dtype) as guided:
         was_training = model.training
         model.eval()
         try:

@@ -32,7 +32,7 @@ def beam_search(
     model, input_ids, attention_mask=None, *, num_beams: int = 4, beta=1, max_new_tokens=32, max_length=1024,
     top_k=None, top_p=None, logit_mask=None, pad_token_id=0, eos_token_id=None, min_new_tokens=0,
     repetition_penalty=1.0, advantage_clip=None, weighting="exp", filter_on="guided", stop_sequences=None,
-    tokenizer=None,
+    tokenizer=None, heads_dtype=None,
 ) -> GenerationOutput:
     """Keep the `num_beams` prefixes with the highest summed log-probability under the guided
     policy ``log_softmax(guided scores)`` (after the same filters as sampling; temperature
@@ -45,7 +45,7 @@ def beam_search(
     attention_mask = attention_mask.repeat_interleave(k, 0)
     step_positions = position_ids.repeat_interleave(k, 0)
     step_ids = samples
-    guide = Guide(model, beta, weighting, advantage_clip, filter_on, top_k, top_p)
+    guide = Guide(model, beta, weighting, advantage_clip, filter_on, top_k, top_p, heads_dtype)
     stop_strings = _StopStrings(stop_sequences, tokenizer, width)
     stats = _Stats(rows * k, input_ids.device)
     # only the first copy of each prompt is live at the start, so the K beams differ

@@ -175,16 +175,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     z += b
                 capped = torch.tanh(z / softcap) if softcap else None
                 logits = capped * softcap if softcap else z
-                lse = torch.logsumexp(logits, dim=-1)
                 y = targets[rows].unsqueeze(-1)
-                wc = row_weights[rows].float()
-                total += (wc * (lse - logits.gather(-1, y).squeeze(-1))).sum()
+                wc = row_weights[rows].float().unsqueeze(-1)
+                taken = logits.gather(-1, y)
+                # logsumexp by hand, leaving exp(logits - max) in the logits buffer for the gradient
+                top = logits.amax(-1, keepdim=True)
+                g = logits.sub_(top).exp_()
+                sum_exp = g.sum(-1, keepdim=True)
+                total += (wc * (top + sum_exp.log() - taken)).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                # d CE / d logits = softmax - onehot, reusing the logits buffer
-                g = logits.sub_(lse.unsqueeze(-1)).exp_()
-                g.scatter_add_(-1, y, torch.full_like(y, -1, dtype=g.dtype))
-                g.mul_(wc.unsqueeze(-1))
+                # d CE / d logits = w * (softmax - onehot)
+                g.mul_(wc / sum_exp)
+                g.scatter_add_(-1, y, -wc)
                 if softcap:
                     g.mul_(1 - capped * capped)
                 if need_b:

@@ -42,7 +42,7 @@ def make_trainer(tokenizer_path: str, tmp: str, strategy: str, kind: str = "gpt2
     from ilql.trainer import ILQLTrainer, load_model, load_tokenizer, set_seed
 
     walks = generate_random_walks(n_walks=40, seed=1002)
-    train = dict(seq_length=11, batch_size=8, epochs=100, total_steps=STEPS, eval_interval=1000,
+    train = dict(seq_length=11, batch_size=8, eval_batch_size=2, epochs=100, total_steps=STEPS, eval_interval=1000,
                  checkpoint_interval=1000, checkpoint_dir=str(Path(tmp) / f"ckpts_{strategy}"), progress_bar=False,
                  strategy=strategy)
     train.update(overrides.pop("train", {}))
@@ -58,7 +58,9 @@ def make_trainer(tokenizer_path: str, tmp: str, strategy: str, kind: str = "gpt2
     episodes = make_episodes(walks.samples, walks.rewards, tokenizer, config.train.seq_length)
     model = load_model(tiny_model_config(kind, tokenizer), config)
     metric_fn = lambda samples, **kw: walks.metric(samples)  # noqa: E731
-    return ILQLTrainer(config, model, tokenizer, episodes, walks.eval_prompts[:6], metric_fn, ["|"]), walks
+    # 5 prompts in batches of 2: ranks decode 3 and 2 prompts, in 2 and 1 batches (a collective
+    # inside decoding would hang)
+    return ILQLTrainer(config, model, tokenizer, episodes, walks.eval_prompts[:5], metric_fn, ["|"]), walks
 
 
 def run_steps(trainer, n: int):

@@ -31,10 +31,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tokenizer_path, tmp, jobs, world_size=2):
+def _launch(tokenizer_path, tmp, jobs, world_size=2, timeout=300):
+    """Run `jobs` on `world_size` ranks; a rank that fails fails the launch, and a hang (a
+    collective some rank never joins) fails it after `timeout` seconds instead of blocking."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(worker.main, args=(world_size, _free_port(), tokenizer_path, str(tmp), jobs), nprocs=world_size, join=True)
+    args = (world_size, _free_port(), tokenizer_path, str(tmp), jobs)
+    context = mp.start_processes(worker.main, args=args, nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world_size}-rank launch did not finish in {timeout} s (a hang?)")
     return {name: json.loads((tmp / f"{name}.json").read_text()) for name, _, _ in jobs}
 
 

@@ -207,7 +207,9 @@ def test_any_config_value_is_accepted_or_raises_a_config_error(overrides):
     try:
         config = TRLConfig.update(ilql.default_ilql_config(), overrides)
         optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
-        build_scheduler(optimizer, config, config.train.total_steps).step()
+        scheduler = build_scheduler(optimizer, config, config.train.total_steps)
+        optimizer.step()
+        scheduler.step()
     except ILQLError as e:
         TRIED[f"config:{type(e).__name__}"] += 1
         return

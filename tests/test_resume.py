@@ -174,6 +174,15 @@ def test_cli_resume_continues_from_the_latest_checkpoint(tmp_path, cli_run):
     assert ckpt.read_manifest(tmp_path / "ckpts" / "checkpoint_0000006")["step"] == 6
 
 
+def test_resume_latest_without_a_checkpoint_starts_from_step_zero(tmp_path, cli_run):
+    from ilql.cli import main
+
+    with pytest.warns(UserWarning, match="no complete checkpoint"):
+        assert main(cli_run + ["--resume"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ckpts" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "losses/loss" in r] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_other_data_or_batch_size_and_bad_arguments(tmp_path, cli_run):
     from ilql.cli import main
 

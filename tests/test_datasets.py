@@ -287,3 +287,11 @@ def test_cli_train_reads_csv_with_renamed_columns(tmp_path, saved_tokenizer, tin
     bad = write_csv(tmp_path / "bad.csv", [{"review": "abc", "score": "high"}])
     argv[argv.index(str(data))] = str(bad)
     assert main(argv) == 2  # the library error is reported, naming file, row and column
+
+
+def test_untokenizable_text_is_named_before_tokenization(walks_tokenizer, tmp_path):
+    with pytest.raises(DataError, match=r"sample 1, segment 1: the text is not valid Unicode"):
+        make_episodes(["ab", "a\ud800"], [0.0, 1.0], walks_tokenizer, 16)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab", "reward": 1e39}])
+    with pytest.raises(DataError, match=r"line 1, column 'reward': 1e\+39 is outside the float32 range"):
+        load_file(path)

@@ -168,12 +168,24 @@ def validate_samples(samples: Any, rewards: Any) -> Tuple[List[List[str]], Union
                 raise DataTypeError(f"sample {i}, segment {j}: expected a string, got {type(text).__name__}")
             if j % 2 == 1 and text == "":
                 raise DataError(f"sample {i}, segment {j}: the output is empty; every output needs text")
+            if not text.isascii():
+                _check_encodable(text, f"sample {i}, segment {j}")
         dialogues.append(dialogue)
 
     values = [validate_reward(r, i, len(d) // 2) for i, (r, d) in enumerate(zip(rewards, dialogues))]
     if all(isinstance(v, float) for v in values):
         return dialogues, np.asarray(values, dtype=np.float64)
     return dialogues, values
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Tokenizers need UTF-8: a lone surrogate (e.g. from a bad decode) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: the text is not valid Unicode ({e.reason} at character {e.start}); it cannot be tokenized"
+        ) from None
 
 
 def standardize(rewards: np.ndarray) -> np.ndarray:
@@ -612,39 +624,17 @@ def validate_prompts(prompts: Any, name: str = "eval_prompts") -> List[str]:
     return list(prompts)
 
 
-def load_jsonl(path) -> Tuple[List[Sample], List[float]]:
-    """Read samples and rewards from a JSONL file: each line an object with ``reward`` and one
-    of ``text`` (a string), ``prompt`` + ``completion``, or ``dialogue`` (a list of strings)."""
-    import json
+def load_jsonl(path) -> Tuple[List[Sample], List[Any]]:
+    """Read samples and rewards from a JSONL file; the columns are those of `ilql.sources`
+    (``text``, ``prompt`` + ``completion``, ``dialogue``, ``messages``, preference pairs, with
+    ``reward`` or ``token_rewards``). Kept for compatibility: `ilql.load_file` reads CSV and
+    Parquet too."""
+    from .sources import load_file
 
-    samples, rewards = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}")
-            if "reward" not in row:
-                raise DataError(f"{path}, line {line_no}: column 'reward' is missing")
-            if "text" in row:
-                sample = row["text"]
-            elif "prompt" in row and "completion" in row:
-                sample = [row["prompt"], row["completion"]]
-            elif "dialogue" in row:
-                sample = row["dialogue"]
-            else:
-                raise DataError(
-                    f"{path}, line {line_no}: expected column 'text', 'prompt'+'completion' or 'dialogue', "
-                    f"got {sorted(row)}"
-                )
-            samples.append(sample)
-            rewards.append(row["reward"])
-    try:
-        validate_samples(samples, rewards)
-    except (DataError, DataTypeError) as e:
-        raise type(e)(f"{path}: {e}") from None
-    return samples, rewards
+    if not str(path).lower().endswith((".jsonl", ".ndjson")):
+        from pathlib import Path
+
+        from .sources import _jsonl_records, records_to_dataset
+
+        return records_to_dataset(_jsonl_records(Path(path)))
+    return load_file(path)

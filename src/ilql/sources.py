@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from .data import TokenRewards, validate_samples
 from .errors import DataError, DataTypeError
 
+FLOAT32_MAX = 3.4028234663852886e38
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -89,8 +90,7 @@ class RowError(Exception):
 
 # ------------------------------------------------------------------------------ one row
 def _present(row: Dict[str, Any], name: str) -> bool:
-    value = row.get(name)
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    return row.get(name) is not None  # null cells (None) count as absent; NaN is a bad value
 
 
 def _string(row, name: str, output: bool) -> str:
@@ -122,9 +122,15 @@ def _number(value: Any, column: str, what: str = "a number") -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RowError(column, f"expected {what}, got {type(value).__name__} ({value!r})", type_error=True)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise RowError(column, f"expected a finite number, got an integer of {int(value).bit_length()} bits") from None
     if not math.isfinite(value):
         raise RowError(column, f"expected a finite number, got {value!r}")
-    return float(value)
+    if abs(value) > FLOAT32_MAX:  # rewards train in float32
+        raise RowError(column, f"{value!r} is outside the float32 range; rescale the rewards")
+    return value
 
 
 def _number_list(value: Any, column: str) -> List[float]:

@@ -223,6 +223,14 @@ def test_cpu_offload_without_a_gpu_is_refused(monkeypatch):
         Parallel.from_config(config)
 
 
+def test_global_batch_smaller_than_the_ranks_is_refused():
+    from torch.utils.data import DataLoader
+
+    parallel = Parallel(strategy="ddp", rank=0, world_size=4)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        parallel.shard_loader(DataLoader(list(range(10)), batch_size=3))
+
+
 def test_strategy_without_a_launcher_names_torchrun(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

@@ -5,10 +5,11 @@ tensor-parallel vocabulary heads, launched with ``torchrun`` on one node or many
 method is the identity, so single-process training pays nothing. Otherwise:
 
 - "ddp":  every rank holds the whole model; gradients are averaged by DDP.
-- "fsdp": FSDP2 ``fully_shard`` of every transformer block, of the ILQL heads and of the root;
-          parameters, gradients and optimizer states are sharded over the ranks.
+- "fsdp": FSDP2 ``fully_shard`` of every transformer block and of the root (embeddings, LM
+          head, ILQL heads); parameters, gradients and optimizer states are sharded.
 - "tp":   the LM head and the Q / target-Q heads are sharded over the vocabulary (DTensor,
-          ``Shard(0)`` of their weight); every rank sees the same batch; the losses are
+          ``Shard(0)`` of their weight), and the trunk by its architecture's tensor-parallel
+          plan where it has one (Llama); every rank sees the same batch; the losses are
           computed vocabulary-parallel, without gathering a full-vocabulary tensor.
 
 Data parallel ranks split every global batch of the single-process run (same seeded order),
@@ -18,11 +19,15 @@ and updates equal the single-process run's (up to float rounding).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import json
 import os
+import shutil
 from datetime import timedelta
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,10 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import ConfigError
-
-STRATEGIES = ("none", "ddp", "fsdp", "tp")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+from . import checkpoint as ckpt
+from .errors import ConfigError, TrainingError
 
 
 # ----------------------------------------------------------------------- process group setup
@@ -54,6 +57,12 @@ def init_process_group(backend: Optional[str] = None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- data sharding
@@ -139,6 +148,7 @@ def vocab_parallel_taken_and_rest(x_local: torch.Tensor, actions: torch.Tensor, 
     cross entropy of the 2-column row with target 0 is ``logsumexp(x_a, rest) - x_a``). So the
     unchanged `ilql_loss` run on this [..., 2] tensor with actions = 0 gives the full-vocabulary
     loss and gradients, while no rank ever holds more than its shard."""
+    x_local = x_local.float()  # as the reference loss's cross entropy, whatever the compute dtype
     n = x_local.shape[-1]
     ids = actions - start
     inside = (ids >= 0) & (ids < n)
@@ -378,10 +388,9 @@ class Parallel:
         from .modeling import _transformer_blocks
 
         kwargs: Dict[str, Any] = dict(mesh=self.mesh)
-        if self.mixed_precision != "no":
-            dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
-            # low-precision parameters and compute; gradients reduced and stored in fp32
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if self.mixed_precision == "bf16":
+            # bf16 parameters and compute; gradients reduced and stored in fp32
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for block in _transformer_blocks(model.base_model):
@@ -399,6 +408,12 @@ class Parallel:
             return loader
         if loader.batch_sampler is None:
             raise ConfigError("train.strategy: data-parallel training needs a DataLoader with a batch size")
+        batch_size = getattr(loader.batch_sampler, "batch_size", None)
+        if batch_size is not None and batch_size < self.dp_size:
+            raise ConfigError(
+                f"train.batch_size is the global batch: {batch_size} cannot be split over {self.dp_size} "
+                f"data-parallel ranks; use at least {self.dp_size}"
+            )
         return DataLoader(
             loader.dataset,
             batch_sampler=ShardedBatchSampler(loader.batch_sampler, self.dp_rank, self.dp_size),
@@ -582,8 +597,6 @@ def _trainer_extra(trainer) -> Dict[str, Any]:
     best = trainer.best_score if trainer.best_score != float("-inf") else None
     counters = dict(step=trainer.step, epoch=epoch, batch_in_epoch=batch, best_score=best,
                     scheduler=trainer.scheduler.state_dict(), world_size=dist.get_world_size() if dist.is_initialized() else 1)
-    import json
-
     return {"counters": json.dumps(counters), "loader_rng": loader_rng}
 
 
@@ -594,11 +607,6 @@ def save_trainer_checkpoint(trainer, directory) -> None:
     with `from_pretrained`), tokenizer and config; every rank writes its shards of model and
     optimizer to ``<checkpoint>/sharded`` (torch.distributed.checkpoint), which reloads on any
     number of ranks and strategies. The directory is published atomically by rank 0."""
-    from pathlib import Path
-    import shutil
-
-    from . import checkpoint as ckpt
-
     parallel, directory = trainer.parallel, Path(directory)
     full = parallel.full_state_dict(trainer.model)
     shards = directory.with_name(f".{directory.name}.sharded-tmp")  # the same path on every rank
@@ -625,12 +633,6 @@ def save_trainer_checkpoint(trainer, directory) -> None:
 def load_trainer_checkpoint(trainer, directory) -> None:
     """Resume from a checkpoint with a ``sharded`` state (written by any number of ranks),
     whatever this run's strategy and number of ranks."""
-    import json
-    from pathlib import Path
-
-    from . import checkpoint as ckpt
-    from .errors import TrainingError
-
     directory = Path(directory)
     problem = ckpt.verify_checkpoint(directory)
     if problem is not None:

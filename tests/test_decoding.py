@@ -219,6 +219,16 @@ def test_beam_width_one_is_greedy(model):
     assert torch.equal(greedy, beam) and torch.equal(greedy, beam_explicit.sequences)
 
 
+def test_beam_search_of_a_padded_batch_matches_each_row_alone(model):
+    rows = [[1, 2, 3, 4], [5, 6]]
+    ids, mask = left_pad(rows)
+    batch = gen(model, ids, attention_mask=mask, beta=2, top_k=0, num_beams=3, return_dict=True)
+    for i, row in enumerate(rows):
+        alone = gen(model, torch.tensor([row]), beta=2, top_k=0, num_beams=3, return_dict=True)
+        assert batch.sequences[i, ids.shape[1]:].tolist() == alone.sequences[0, len(row):].tolist()
+        torch.testing.assert_close(batch.behaviour_logprob[i], alone.behaviour_logprob[0], rtol=1e-4, atol=1e-4)
+
+
 def guided_logp(model, ids, beta):
     hs, _ = model.hidden_states(ids)
     h = hs[:, -1]

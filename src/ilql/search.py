@@ -42,9 +42,7 @@ def beam_search(
     k = num_beams
     attention_mask, position_ids, cache = _prepare(model, input_ids, attention_mask, None, None)
     samples = input_ids.repeat_interleave(k, 0)
-    attention_mask = attention_mask.repeat_interleave(k, 0)
     step_positions = position_ids.repeat_interleave(k, 0)
-    step_ids = samples
     guide = Guide(model, beta, weighting, advantage_clip, filter_on, top_k, top_p, heads_dtype)
     stop_strings = _StopStrings(stop_sequences, tokenizer, width)
     stats = _Stats(rows * k, input_ids.device)
@@ -55,9 +53,15 @@ def beam_search(
     was_training = model.training
     model.eval()
     try:
+        # the prompt runs once; its cache is then copied for the K beams
+        hs, cache = model.hidden_states(input_ids, attention_mask, position_ids, cache, use_cache=True)
+        cache.batch_repeat_interleave(k)
+        attention_mask = attention_mask.repeat_interleave(k, 0)
+        h = hs[:, -1].repeat_interleave(k, 0)
         for n_new in range(max(0, min(max_new_tokens, max_length - width))):
-            hs, cache = model.hidden_states(step_ids, attention_mask, step_positions, cache, use_cache=True)
-            h = hs[:, -1]
+            if n_new > 0:
+                hs, cache = model.hidden_states(step_ids, attention_mask, step_positions, cache, use_cache=True)
+                h = hs[:, -1]
             raw = model.lm_logits(h).float()
             logits = _preprocess(raw, samples, n_new, logit_mask, repetition_penalty, min_new_tokens, eos_token_id)
             scores, advantage = guide(h, logits)

@@ -241,7 +241,9 @@ def restore_rng_state(json_part: Dict[str, Any], tensors: Dict[str, torch.Tensor
     torch.set_rng_state(tensors["rng/torch_cpu"])
     cuda = sorted((k for k in tensors if k.startswith("rng/cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        # a machine with fewer GPUs than the saving one restores the devices it has
+        for device, key in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(tensors[key], device)
 
 
 # ---------------------------------------------------------------------------- optimizer state

@@ -206,6 +206,15 @@ def test_bfloat16_heads_approximate_the_float32_guidance(gpt2):
     torch.testing.assert_close(adv16, adv, rtol=0.05, atol=0.05 * adv.abs().max().item())
     out = gen(gpt2, torch.tensor([[1, 2, 3]]), beta=2, heads_dtype="bfloat16", return_dict=True, generator=seeded())
     assert out.sequences.shape == (1, 9) and torch.isfinite(out.kl).all()
+    # the bf16 copy is reused until a head changes, then rebuilt
+    assert Guide(gpt2, heads_dtype="bfloat16").target_heads[0] is fast.target_heads[0]
+    with torch.no_grad():
+        gpt2.ilql_heads.sync_target_q_heads(0.5)
+    fresh = Guide(gpt2, heads_dtype="bfloat16")
+    assert fresh.target_heads[0] is not fast.target_heads[0]
+    torch.testing.assert_close(fresh.target_heads[0][0].weight.float(), gpt2.ilql_heads.target_q_heads[0][0].weight,
+                               rtol=1e-2, atol=1e-2)
+    assert "_cast_for_decoding" not in "".join(gpt2.ilql_heads.state_dict())
 
 
 # -------------------------------------------------------------------------------- search

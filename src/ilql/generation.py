@@ -187,6 +187,19 @@ def _head_at_candidates(head, hs: torch.Tensor, candidates: torch.Tensor) -> tor
     return out + last.bias[candidates] if last.bias is not None else out
 
 
+def _cast_heads(heads, dtype: torch.dtype):
+    """Copies of V and the target Q heads in `dtype`, kept on `heads` (not as submodules, so
+    never saved or trained) until a parameter changes (in-place updates bump its version) or
+    moves, so repeated generate calls between training steps pay the cast once."""
+    params = [p for m in (heads.v_head, *heads.target_q_heads) for p in m.parameters()]
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cached = heads.__dict__.get("_cast_for_decoding")
+    if cached is None or cached[0] != key:
+        copies = (copy.deepcopy(heads.v_head).to(dtype), [copy.deepcopy(t).to(dtype) for t in heads.target_q_heads])
+        heads.__dict__["_cast_for_decoding"] = cached = (key, copies)
+    return cached[1]
+
+
 class Guide:
     """Steps 2-3 of the module docstring: behaviour log-probs plus the advantage term.
 
@@ -217,9 +230,7 @@ class Guide:
         self.v_head, self.target_heads = heads.v_head, list(heads.target_q_heads)
         dtype = getattr(torch, heads_dtype) if heads_dtype else None
         if dtype is not None and dtype != heads.v_head[0].weight.dtype:
-            # copies for this call only: training keeps moving the real heads
-            self.v_head = copy.deepcopy(heads.v_head).to(dtype)
-            self.target_heads = [copy.deepcopy(t).to(dtype) for t in heads.target_q_heads]
+            self.v_head, self.target_heads = _cast_heads(heads, dtype)
         self.heads_dtype = self.v_head[0].weight.dtype
 
     def advantage(self, hs: torch.Tensor, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,6 +11,10 @@ some positive. Each review's reward is VADER's compound score in [-1, 1]. A smal
 BPE tokenizer trained locally on the corpus learns from these rewards; guided decoding from the
 openings with a growing beta should write ever more positive reviews, above the dataset's mean
 reward and above beta=0 (behaviour cloning).
+
+Evaluation samples without top-k: the neutral class has many words, each less likely than a
+negative one, so top-k 20 would keep mostly negative words and pull even beta=0 far below the
+data's mean; without it, beta=0 reproduces the data.
 """
 
 from __future__ import annotations

@@ -374,6 +374,16 @@ def test_bad_decoding_arguments_name_the_key(gpt2):
                        (dict(heads_dtype="int8"), "heads_dtype"), (dict(sample_over="all"), "sample_over")]:
         with pytest.raises(ConfigError, match=match):
             gpt2.generate(ids, **bad)
+    from ilql import DataError, DataTypeError
+
+    with pytest.raises(DataTypeError, match="input_ids"):
+        gpt2.generate(torch.tensor([1.0, 2.0]))
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        gpt2.generate(torch.tensor([[1, 500]]))
+    with pytest.raises(DataError, match="attention_mask"):
+        gpt2.generate(ids, attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="logit_mask"):
+        gpt2.generate(ids, logit_mask=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ConfigError, match="method.gen_kwargs.top_p"):
         ILQLConfig(gen_kwargs=dict(top_p=[0.9, 1.5]))
     with pytest.raises(ConfigError, match="method.gen_kwargs.topp"):

@@ -441,8 +441,7 @@ def generate(
         sample_over=sample_over, heads_dtype=heads_dtype,
     ))
     eos_token_id, pad_token_id = _resolve_special_ids(model.config, eos_token_id, pad_token_id)
-    if logit_mask is not None and logit_mask.dim() != 2:
-        raise ConfigError(f"logit_mask must be a [vocab, vocab] tensor, got shape {tuple(logit_mask.shape)}")
+    _check_inputs(model, input_ids, attention_mask, logit_mask)
     common = dict(
         beta=beta, max_new_tokens=max_new_tokens, max_length=max_length, top_k=top_k, top_p=top_p,
         logit_mask=logit_mask, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
@@ -489,6 +488,30 @@ def _choose(scores, greedy, top_k, top_p, filter_on, sample_over, generator):
     if greedy:
         return scores.argmax(dim=-1), scores, None
     return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1), scores, None
+
+
+def _check_inputs(model, input_ids, attention_mask, logit_mask) -> None:
+    """Shapes and token ids, checked before any forward pass."""
+    from .errors import DataError, DataTypeError
+
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise DataTypeError(f"input_ids must be an integer tensor [batch, length], got {_describe(input_ids)}")
+    if input_ids.shape[1] == 0:
+        raise DataError("input_ids is empty: every row needs at least one token (e.g. BOS)")
+    vocab = model.ilql_heads.vocab_size
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise DataError(f"input_ids hold ids outside the vocabulary [0, {vocab}): "
+                        f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise DataError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    if logit_mask is not None and (logit_mask.dim() != 2 or tuple(logit_mask.shape) != (vocab, vocab)):
+        raise ConfigError(f"logit_mask must be a [{vocab}, {vocab}] tensor, got shape {tuple(logit_mask.shape)}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def _prepare(model, input_ids, attention_mask, position_ids, past_key_values):

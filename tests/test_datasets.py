@@ -176,6 +176,15 @@ def test_bad_rows_name_file_row_and_column(tmp_path, kind, rows, error, pattern)
         resolve_dataset(source)
 
 
+def test_dataset_dict_asks_for_a_split():
+    import datasets
+
+    splits = datasets.DatasetDict(train=as_dataset(ROWS[:1]), test=as_dataset(ROWS[:1]))
+    with pytest.raises(DataTypeError, match=r"DatasetDict with splits \['test', 'train'\]: pick one"):
+        resolve_dataset(splits)
+    assert resolve_dataset(splits["train"]) == (["abc"], [1.0])
+
+
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(DataError, match=r"d\.txt: unknown data file type '\.txt'"):
         load_file(tmp_path / "d.txt")

@@ -343,6 +343,8 @@ def resolve_dataset(dataset: Any, columns=None) -> Tuple[Sequence[Any], Sequence
         return records_to_dataset(((f"record {i}", r) for i, r in enumerate(dataset)), columns)
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
         return dataset[0], dataset[1]
+    if isinstance(dataset, dict) and dataset and all(_is_hf_dataset(v) for v in dataset.values()):
+        raise DataTypeError(f"dataset is a DatasetDict with splits {sorted(dataset)}: pick one, e.g. dataset['train']")
     raise DataTypeError(
         "dataset must be a (samples, rewards) pair, a path to a .jsonl/.csv/.parquet file, a datasets.Dataset "
         f"or a list of records (dicts), got {type(dataset).__name__}"

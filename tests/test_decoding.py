@@ -336,6 +336,15 @@ def test_logits_processor_path_equals_ilql_generate(model, settings):
     assert not torch.equal(plain, theirs)
 
 
+def test_transformers_beam_search_with_the_processor_equals_ilql_beam_search(model):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for k in (2, 4):
+        ours = gen(model, ids, beta=2, top_k=0, num_beams=k, max_new_tokens=6)
+        theirs = hf_generate(model, ids, beta=2, num_beams=k, do_sample=False, max_new_tokens=6,
+                             eos_token_id=None, pad_token_id=PAD)
+        assert torch.equal(ours, theirs)
+
+
 def test_logits_processor_with_behaviour_filter_and_streamer(gpt2):
     from transformers.generation.streamers import BaseStreamer
 

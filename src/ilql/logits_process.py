@@ -87,8 +87,14 @@ def hf_generate(model, input_ids, beta: float = 1, weighting: str = "exp", advan
                 behaviour_top_k=None, behaviour_top_p=None, heads_dtype=None, **generate_kwargs):
     """``model.base_model.generate(...)`` with guided scores; `generate_kwargs` are the usual
     transformers arguments (do_sample, temperature, top_k, top_p, streamer, stopping_criteria,
-    stop_strings + tokenizer, repetition_penalty, min_new_tokens, ...)."""
+    stop_strings + tokenizer, repetition_penalty, min_new_tokens, num_beams, ...). With
+    ``num_beams > 1`` it sets ``renormalize_logits=True`` (unless given), which makes
+    transformers' beam search rank beams like ``ilql``'s own `beam_search`."""
     processors = list(generate_kwargs.pop("logits_processor", None) or [])
+    if generate_kwargs.get("num_beams", 1) > 1:
+        # beams add up step scores: they must be the guided policy's normalised log-probs,
+        # as in `ilql.search.beam_search`
+        generate_kwargs.setdefault("renormalize_logits", True)
     with ILQLLogitsProcessor(model, beta, weighting, advantage_clip, logit_mask, behaviour_top_k,
                              behaviour_top_p, heads_dtype) as guided:
         was_training = model.training

@@ -130,3 +130,66 @@ def test_bad_per_turn_or_per_token_rewards_name_the_sample(walks_tokenizer, samp
 def test_one_element_tensor_is_still_a_scalar(walks_tokenizer):
     e = one(walks_tokenizer, DIALOGUE, torch.tensor([1.5]))
     assert e.rewards.tolist() == [0, 0, 0, 0, 1.5]
+
+
+# ------------------------------------------------------------------------------ the former pipeline
+def former_episode(dialogue, tok, max_length, reward):
+    """The pipeline as it was before per-turn rewards (commit 0586808), kept as a reference:
+    truncate the token segments, then put the (standardized) reward on the last action."""
+    bos, eos, side = tok.bos_token_id, tok.eos_token_id, tok.truncation_side
+    segs = [[j % 2 == 1, [] if t is None else list(tok(t, add_special_tokens=False).input_ids)]
+            for j, t in enumerate(dialogue)]
+    if not segs[-1][1] or segs[-1][1][-1] != eos:
+        segs[-1][1].append(eos)
+    if sum(len(s[1]) for s in segs) > max_length:
+        order, kept, budget = (segs if side == "right" else segs[::-1]), [], max_length
+        for out, tokens in order:
+            take = max(0, min(len(tokens), budget))
+            kept.append([out, tokens[:take] if side == "right" else tokens[len(tokens) - take:]])
+            budget -= take
+        segs = kept if side == "right" else kept[::-1]
+    segs = [s for s in segs if s[1]]
+    if segs[0][0]:
+        if sum(len(s[1]) for s in segs) >= max_length:
+            if side == "left":
+                segs[0][1] = segs[0][1][1:]
+            else:
+                segs[-1][1] = segs[-1][1][:-1]
+            segs = [s for s in segs if s[1]]
+        segs.insert(0, [False, [bos]])
+    ids, actions = [], []
+    for out, tokens in segs:
+        if out:
+            actions.extend(range(len(ids) - 1, len(ids) + len(tokens) - 1))
+        ids.extend(tokens)
+    rewards = np.zeros(len(actions), dtype=np.float32)
+    rewards[-1] = reward
+    return ids, actions, rewards
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_scalar_rewards_match_the_former_pipeline_exactly(walks_tokenizer, side):
+    walks_tokenizer.truncation_side = side
+    rng = np.random.default_rng(0)
+    letters = "abcdefghijklmnopqrstu"
+
+    def text(lo):
+        return "".join(rng.choice(list(letters), size=rng.integers(lo, 9)))
+
+    samples = []
+    for _ in range(200):
+        kind = rng.integers(3)
+        if kind == 0:
+            samples.append(text(1))
+        else:
+            turns = 1 if kind == 1 else int(rng.integers(1, 4))
+            samples.append([t for _ in range(turns) for t in (text(1), text(1))])
+    rewards = rng.normal(size=len(samples)) * 3
+    for max_length in (10, 14, 64):  # >= the longest first prompt + 1: an output survives
+        store = make_episodes(samples, rewards.tolist(), walks_tokenizer, max_length)
+        values = standardize(rewards)
+        for i, (sample, e) in enumerate(zip(samples, store)):
+            dialogue = [None, sample] if isinstance(sample, str) else sample
+            ids, actions, r = former_episode(dialogue, walks_tokenizer, max_length, float(values[i]))
+            assert e.input_ids.tolist() == ids and e.actions_ixs.tolist() == actions
+            assert e.rewards.tobytes() == r.tobytes()  # bit for bit

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .data import TokenRewards, validate_samples
+from .data import TokenRewards
 from .errors import DataError, DataTypeError
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -22,12 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
-from .data import Episode, ILQLCollator, build_loader, make_episodes, validate_prompts, validate_samples
+from .data import Episode, build_loader, make_episodes, validate_prompts, validate_samples
 from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked

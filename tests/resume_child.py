@@ -1,15 +1,21 @@
 """Driver process of tests/test_resume.py (not collected by pytest).
 
-Usage: python resume_child.py ROOT. Imports ilql once, then runs each training in a forked
+Usage: python resume_child.py ROOT [--random-kills]. Imports ilql once, then runs each training in a forked
 child (one import instead of four): an uninterrupted reference run in ROOT/reference, and in
 ROOT/crashed a run that SIGKILLs itself after step 6, a resume that SIGKILLs itself while
 writing checkpoint 8 (ILQL_FAULT_INJECT, see ilql.checkpoint.fault_point) and a final resume.
 Prints a JSON report of exit statuses and of the checkpoints seen between the runs.
+
+With --random-kills, ROOT/crashed is instead trained by children that the driver itself
+SIGKILLs after fixed delays, wherever they happen to be (loading, training, evaluating,
+saving, pruning), each resuming from the latest checkpoint, until one finishes.
 """
 
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -63,8 +69,9 @@ def train_once(workdir: str, resume: bool) -> None:
     )
 
 
-def in_child(workdir: str, resume: bool = False, fault: str = None) -> int:
-    """Run one training in a forked child; its exit status, negative for a signal."""
+def in_child(workdir: str, resume: bool = False, fault: str = None, kill_after: float = None) -> int:
+    """Run one training in a forked child; its exit status, negative for a signal. With
+    `kill_after`, the driver SIGKILLs the child after that many seconds if it still runs."""
     log = os.path.join(workdir, f"log-{fault or 'done'}.txt")
     pid = os.fork()
     if pid == 0:
@@ -84,7 +91,16 @@ def in_child(workdir: str, resume: bool = False, fault: str = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    done, status = 0, 0
+    if kill_after is not None:
+        deadline = time.monotonic() + kill_after
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+            done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+    if not done:
+        _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
@@ -97,11 +113,32 @@ def checkpoints_seen(workdir: str) -> dict:
     }
 
 
+def random_kills(crashed: str, report: dict, reference_seconds: float) -> None:
+    """Kill each child after a growing fraction of the reference run's duration, then let the
+    last one finish; record what each kill left behind."""
+    report["statuses"], report["seen"] = [], []
+    for fraction in (0.4, 0.65, 0.9, None):
+        kill_after = None if fraction is None else fraction * reference_seconds
+        status = in_child(crashed, resume=True, kill_after=kill_after)
+        report["statuses"].append(status)
+        report["seen"].append(checkpoints_seen(crashed))
+        if status != -9:
+            break
+    with open(os.path.join(crashed, "log-done.txt"), encoding="utf-8") as f:
+        report["final_log"] = f.read()[-4000:]
+    report["final"] = report["statuses"][-1]
+
+
 def main() -> None:
     root = sys.argv[1]
     reference, crashed = os.path.join(root, "reference"), os.path.join(root, "crashed")
     os.makedirs(reference), os.makedirs(crashed)
+    start = time.monotonic()
     report = {"reference": in_child(reference)}
+    if "--random-kills" in sys.argv[2:]:
+        random_kills(crashed, report, time.monotonic() - start)
+        print(json.dumps(report))
+        return
     report["after_step"] = in_child(crashed, fault="after_step:6")
     report["after_step_seen"] = checkpoints_seen(crashed)
     report["mid_save"] = in_child(crashed, resume=True, fault="mid_save:8")

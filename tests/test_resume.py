@@ -24,10 +24,11 @@ CHILD = Path(__file__).with_name("resume_child.py")
 SIGKILLED = -signal.SIGKILL
 
 
-def run_driver(root: Path) -> dict:
+def run_driver(root: Path, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env.pop(ckpt.FAULT_ENV, None)
-    done = subprocess.run([sys.executable, str(CHILD), str(root)], env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, str(CHILD), str(root), *args], env=env, capture_output=True, text=True,
+                          timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,7 +58,11 @@ def test_sigkill_mid_run_and_mid_save_then_resume_is_bit_exact(tmp_path):
     # 3. resumed again: skips (and reports) the partial save, finishes
     assert report["final"] == 0, report["final_log"]
     assert "partial checkpoint" in report["final_log"]
+    assert_same_run(reference, crashed)
 
+
+def assert_same_run(reference: Path, crashed: Path) -> None:
+    """Same per-step losses, final weights, optimizer/RNG state and best checkpoint."""
     losses = step_losses(crashed)
     assert [r["step"] for r in losses] == list(range(1, 13))
     assert losses == step_losses(reference)
@@ -65,10 +70,20 @@ def test_sigkill_mid_run_and_mid_save_then_resume_is_bit_exact(tmp_path):
     for name in ("model.safetensors", "ilql_heads.safetensors", ckpt.STATE_TENSORS):
         assert_same_tensors(reference / final, crashed / final, name)
     assert_same_tensors(reference / "ckpts/best_checkpoint", crashed / "ckpts/best_checkpoint", "ilql_heads.safetensors")
-    # keep_last_checkpoints=2, the best one apart, no leftovers of the crashed save
+    # keep_last_checkpoints=2, the best one apart, no leftovers of the crashed saves
     assert sorted(p.name for p in (crashed / "ckpts").iterdir()) == [
         "best_checkpoint", "checkpoint_0000008", "checkpoint_0000012", "stats.jsonl"
     ]
+
+
+def test_sigkill_at_arbitrary_moments_then_resume_is_bit_exact(tmp_path):
+    """The driver kills children after fixed fractions of a run's duration, wherever they are
+    (loading, training, evaluating, saving, pruning); each resumes from the latest checkpoint."""
+    report = run_driver(tmp_path, "--random-kills")
+    assert report["reference"] == 0
+    assert report["final"] == 0, report["final_log"]
+    assert SIGKILLED in report["statuses"], report["statuses"]
+    assert_same_run(tmp_path / "reference", tmp_path / "crashed")
 
 
 def save_in_child(root: Path, step: int, fault: str = None) -> int:

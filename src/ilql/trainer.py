@@ -162,6 +162,7 @@ class ILQLTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.model, self.optimizer = self.parallel.attach_optimizer(self.model, self.optimizer)  # deepspeed
         self.step = 0
         self.best_score = -math.inf
         # the data order position, checkpointed so that a resume replays no batch twice
@@ -187,7 +188,7 @@ class ILQLTrainer:
             tau=m.tau, gamma=m.gamma, cql_scale=m.cql_scale, awac_scale=m.awac_scale, beta=m.beta,
         )
         with training_autocast(self.device, train.mixed_precision):
-            if m.chunk_size is not None and self.parallel.strategy != "tp":
+            if m.chunk_size is not None and self.parallel.chunked_loss:
                 inputs = self.model.loss_inputs(
                     batch.input_ids, batch.attention_mask, batch.actions_ixs, batch.states_ixs, batch.actions
                 )
@@ -436,7 +437,7 @@ class ILQLTrainer:
         manifest last, then renamed into place (see `ilql.checkpoint`); afterwards only the
         newest `train.keep_last_checkpoints` step checkpoints are kept (the best one apart)."""
         directory = Path(directory)
-        if self.parallel.strategy in ("fsdp", "tp"):  # sharded state: every rank writes its part
+        if self.parallel.gathers_weights:  # sharded weights: every rank takes part
             save_trainer_checkpoint(self, directory)
             return directory
         if not self.parallel.is_main:
@@ -494,7 +495,7 @@ class ILQLTrainer:
         directory = Path(directory)
         if (directory / SHARDED_DIR).is_dir():  # written under fsdp / tp, on any number of ranks
             return load_trainer_checkpoint(self, directory)
-        if self.parallel.strategy in ("fsdp", "tp"):
+        if self.parallel.gathers_weights:
             raise TrainingError(
                 f"cannot resume from {directory} with train.strategy={self.parallel.strategy!r}: it has no "
                 f"'{SHARDED_DIR}' state (a 'none' or 'ddp' run wrote it); resume it with one of those strategies"
@@ -677,6 +678,8 @@ def train(
         resume_path = trainer.resolve_resume(resume_from_checkpoint)
         if resume_path is not None:
             trainer.load_checkpoint(resume_path)
+        else:
+            trainer._truncate_log()  # a run killed before its first checkpoint: its lines are redone
     return trainer.learn()
 
 

@@ -15,11 +15,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .data import EpisodeStore, TokenRewards
+from .data import EpisodeStore, TokenRewards, as_dialogue
 
 CACHE_VERSION = 1  # bump when the episode layout changes
 _FIELDS = ("tokens", "token_offsets", "actions", "action_offsets", "rewards")
@@ -41,15 +41,20 @@ def _tokenizer_identity(tokenizer) -> bytes:
     return definition.encode() + json.dumps(special, sort_keys=True).encode()
 
 
-def dataset_key(dialogues: Sequence[List[Optional[str]]], rewards: Sequence[Any], tokenizer, **settings) -> str:
-    """A hex digest of data + tokenizer + settings."""
+def dataset_key(samples: Sequence[Any], rewards: Any, tokenizer, **settings) -> str:
+    """A hex digest of data (checked samples, rewards as `check_samples` returns them) +
+    tokenizer + settings."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(version=CACHE_VERSION, **settings), sort_keys=True).encode())
     h.update(hashlib.sha256(_tokenizer_identity(tokenizer)).digest())
-    for dialogue in dialogues:
+    for sample in samples:
+        dialogue = as_dialogue(sample)
         h.update(b"\x1e%d" % len(dialogue))
         for text in dialogue:
             h.update(b"\x1f\x00" if text is None else b"\x1f" + text.encode("utf-8", "surrogatepass"))
+    if isinstance(rewards, np.ndarray):  # all scalars
+        h.update(b"A" + np.ascontiguousarray(rewards, dtype=np.float64).tobytes())
+        return h.hexdigest()[:32]
     for r in rewards:
         if isinstance(r, TokenRewards):
             h.update(b"T" + np.asarray(r.values, dtype=np.float64).tobytes())

@@ -131,11 +131,16 @@ def validate_reward(reward: Any, index: int, n_outputs: int) -> Reward:
     return _number(reward, where)
 
 
-def validate_samples(samples: Any, rewards: Any) -> Tuple[List[List[str]], Union[np.ndarray, List[Reward]]]:
-    """Check every sample and reward before any work; return the dialogues and the rewards:
-    a float64 array when every reward is a number, else a list of `Reward`.
+def as_dialogue(sample: Sample) -> List[Optional[str]]:
+    """A checked sample as a dialogue: a plain string becomes ``[None, text]`` (the prompt is
+    BOS, filled in at tokenization)."""
+    return [None, sample] if isinstance(sample, str) else list(sample)
 
-    Plain strings become ``[None, text]`` (the prompt is BOS, filled in at tokenization)."""
+
+def check_samples(samples: Any, rewards: Any) -> Union[np.ndarray, List[Reward]]:
+    """Check every sample and reward before any work, keeping no per-sample copies (a dataset
+    may be large); return the rewards: a float64 array when every reward is a number, else a
+    list of `Reward`."""
     if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence):
         raise DataTypeError(f"samples must be a list of samples, got {type(samples).__name__}")
     if isinstance(rewards, (str, bytes)) or not hasattr(rewards, "__len__"):
@@ -145,23 +150,24 @@ def validate_samples(samples: Any, rewards: Any) -> Tuple[List[List[str]], Union
     if len(samples) != len(rewards):
         raise DataError(f"got {len(samples)} samples but {len(rewards)} rewards: give one reward per sample")
 
-    dialogues = []
-    for i, sample in enumerate(samples):
+    scalars = np.empty(len(samples), dtype=np.float64)
+    others: Dict[int, Reward] = {}  # per-turn and per-token rewards, by sample
+    for i, (sample, reward) in enumerate(zip(samples, rewards)):
         if isinstance(sample, str):
-            dialogue = [None, sample]
+            segments: Sequence[Any] = (None, sample)
         elif isinstance(sample, (list, tuple)):
-            dialogue = list(sample)
-            if len(dialogue) == 0 or len(dialogue) % 2:
+            segments = sample
+            if len(segments) == 0 or len(segments) % 2:
                 raise DataError(
                     f"sample {i}: a dialogue needs an even number of segments alternating prompt and "
-                    f"output, got {len(dialogue)}"
+                    f"output, got {len(segments)}"
                 )
         else:
             raise DataTypeError(
                 f"sample {i}: expected a string or a list of strings [prompt, output, ...], "
                 f"got {type(sample).__name__}"
             )
-        for j, text in enumerate(dialogue):
+        for j, text in enumerate(segments):
             if text is None and j == 0 and isinstance(sample, str):
                 continue
             if not isinstance(text, str):
@@ -170,12 +176,20 @@ def validate_samples(samples: Any, rewards: Any) -> Tuple[List[List[str]], Union
                 raise DataError(f"sample {i}, segment {j}: the output is empty; every output needs text")
             if not text.isascii():
                 _check_encodable(text, f"sample {i}, segment {j}")
-        dialogues.append(dialogue)
+        value = validate_reward(reward, i, len(segments) // 2)
+        if isinstance(value, float):
+            scalars[i] = value
+        else:
+            others[i] = value
+    if not others:
+        return scalars
+    return [others[i] if i in others else float(scalars[i]) for i in range(len(scalars))]
 
-    values = [validate_reward(r, i, len(d) // 2) for i, (r, d) in enumerate(zip(rewards, dialogues))]
-    if all(isinstance(v, float) for v in values):
-        return dialogues, np.asarray(values, dtype=np.float64)
-    return dialogues, values
+
+def validate_samples(samples: Any, rewards: Any) -> Tuple[List[List[str]], Union[np.ndarray, List[Reward]]]:
+    """`check_samples`, returning the dialogues too (see `as_dialogue`)."""
+    values = check_samples(samples, rewards)
+    return [as_dialogue(s) for s in samples], values
 
 
 def _check_encodable(text: str, where: str) -> None:
@@ -206,10 +220,13 @@ def episode_return(reward: Reward) -> float:
     return float(reward)
 
 
-def return_stats(rewards: Sequence[Reward]) -> Tuple[float, float]:
+def return_stats(rewards: Union[np.ndarray, Sequence[Reward]]) -> Tuple[float, float]:
     """(mean, divisor) that `standardize` applies to the episode returns: an episode's rewards
     are divided by the divisor and the mean is taken off its final action."""
-    returns = np.asarray([episode_return(r) for r in rewards], dtype=np.float64)
+    if isinstance(rewards, np.ndarray):
+        returns = rewards.astype(np.float64)
+    else:
+        returns = np.asarray([episode_return(r) for r in rewards], dtype=np.float64)
     if len(returns) < 2:
         return 0.0, 1.0
     std = returns.std(ddof=1)
@@ -469,21 +486,20 @@ def make_episodes(
 
     With `cache_dir`, the episodes are saved there under a key made of the data, the tokenizer
     and the settings, and loaded (memory-mapped) instead of tokenized when the key matches."""
-    dialogues, values = validate_samples(samples, rewards)
-    values = values.tolist() if isinstance(values, np.ndarray) else values
+    values = check_samples(samples, rewards)
     key = None
     if cache_dir is not None:
         from .cache import dataset_key, load_store
 
-        key = dataset_key(dialogues, values, tokenizer, max_length=max_length, standardize=standardize_rewards)
+        key = dataset_key(samples, values, tokenizer, max_length=max_length, standardize=standardize_rewards)
         cached = load_store(cache_dir, key)
         if cached is not None:
             return cached
     mean, divisor = return_stats(values) if standardize_rewards else (0.0, 1.0)
     specials = special_ids(tokenizer)
     builder = StoreBuilder()
-    for start in range(0, len(dialogues), ENCODE_CHUNK):
-        chunk = dialogues[start : start + ENCODE_CHUNK]
+    for start in range(0, len(samples), ENCODE_CHUNK):
+        chunk = [as_dialogue(samples[k]) for k in range(start, min(len(samples), start + ENCODE_CHUNK))]
         encoded = iter(encode_texts([t for d in chunk for t in d if t is not None], tokenizer))
         for i, dialogue in enumerate(chunk, start=start):
             token_lists = [[] if text is None else next(encoded) for text in dialogue]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
-from .data import Episode, build_loader, make_episodes, validate_prompts, validate_samples
+from .data import Episode, build_loader, check_samples, make_episodes, validate_prompts
 from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
@@ -654,7 +654,7 @@ def train(
         raise ConfigError("columns= names the columns of dataset=; it has no meaning with samples=")
     if samples is None or rewards is None:
         raise DataError("train() needs samples= and rewards= (one reward per sample)")
-    validate_samples(samples, rewards)
+    check_samples(samples, rewards)
     eval_prompts = validate_prompts(eval_prompts)
     if metric_fn is not None and not callable(metric_fn):
         raise DataTypeError(f"metric_fn must be callable, got {type(metric_fn).__name__}")

@@ -36,7 +36,8 @@ junk = st.one_of(
 )
 texts = st.one_of(
     st.text(max_size=30),  # arbitrary Unicode, empty included
-    st.sampled_from(["", " ", "\n", "\x00", "\u200b", "🙂" * 3, "a\u0301", "\ufeff", "|", "<pad>"]),
+    st.sampled_from(["", " ", "\n", "\x00", "\u200b", "🙂" * 3, "a\u0301", "\ufeff", "|", "<pad>",
+                     "\ud800", "a\udfffb"]),  # lone surrogates: not valid UTF-8
     st.builds(lambda c, n: c * n, st.characters(), st.integers(100, 2000)),  # very long
 )
 segments = st.one_of(texts, texts, texts, junk)

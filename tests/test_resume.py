@@ -252,3 +252,13 @@ def test_in_process_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, tin
     assert losses(resumed) == losses(reference)[4:]
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resuming_an_older_checkpoint_warns_about_later_ones(tmp_path, cli_run):
+    from ilql.cli import main
+
+    assert main(cli_run) == 0
+    with pytest.warns(UserWarning, match=r"resuming at step 2 .*later checkpoints \(steps 4\)"):
+        assert main(cli_run + ["--resume", str(tmp_path / "ckpts" / "checkpoint_0000002")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ckpts" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "losses/loss" in r] == [1, 2, 3, 4]

@@ -678,6 +678,12 @@ def train(
         resume_path = trainer.resolve_resume(resume_from_checkpoint)
         if resume_path is not None:
             trainer.load_checkpoint(resume_path)
+            newer = [s for s, _ in ckpt.list_checkpoints(trainer.checkpoint_dir) if s > trainer.step]
+            if newer:  # an explicit older checkpoint: the later ones are from the run being redone
+                warnings.warn(
+                    f"resuming at step {trainer.step} while {trainer.checkpoint_dir} holds later checkpoints "
+                    f"(steps {', '.join(map(str, newer))}); they are replaced as training reaches their steps"
+                )
         else:
             trainer._truncate_log()  # a run killed before its first checkpoint: its lines are redone
     return trainer.learn()

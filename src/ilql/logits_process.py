@@ -89,7 +89,8 @@ def hf_generate(model, input_ids, beta: float = 1, weighting: str = "exp", advan
     transformers arguments (do_sample, temperature, top_k, top_p, streamer, stopping_criteria,
     stop_strings + tokenizer, repetition_penalty, min_new_tokens, num_beams, ...). With
     ``num_beams > 1`` it sets ``renormalize_logits=True`` (unless given), which makes
-    transformers' beam search rank beams like ``ilql``'s own `beam_search`."""
+    transformers' beam search rank beams like ``ilql``'s own `beam_search`. Note that
+    transformers samples with ``top_k=50`` unless given another value (0 turns it off)."""
     processors = list(generate_kwargs.pop("logits_processor", None) or [])
     if generate_kwargs.get("num_beams", 1) > 1:
         # beams add up step scores: they must be the guided policy's normalised log-probs,

@@ -116,6 +116,17 @@ def test_stop_string_stops_the_row_and_is_trimmed(tmp_path, gpt2, walks_tokenize
         gen(gpt2, ids, stop_sequences=[stop])
 
 
+def test_a_late_multi_character_stop_string_is_found(gpt2, walks_tokenizer):
+    tok = walks_tokenizer
+    ids = torch.tensor([[tok.convert_tokens_to_ids("c")]])
+    kw = dict(beta=0, temperature=1.0, top_k=0, max_new_tokens=24, generator=seeded(7))
+    text = tok.decode(gen(gpt2, ids, **kw)[0, 1:], skip_special_tokens=True)
+    stop = text[15:17]
+    cut = text.index(stop) + len(stop)
+    out = gen(gpt2, ids, stop_sequences=[stop], tokenizer=tok, **{**kw, "generator": seeded(7)})
+    assert tok.decode(out[0, 1:], skip_special_tokens=True) == text[:cut] and cut > 12
+
+
 def test_repetition_penalty_formula_and_effect(gpt2):
     scores = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
     seqs = torch.tensor([[0, 1]])

@@ -343,12 +343,16 @@ class _StopStrings:
         self.stops = [s for s in (stop_sequences or []) if s]
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
+        # a new match ends in the newest token, so it lies within the last few tokens: a
+        # character takes at most 4 byte-level tokens
+        self.window = 4 * max(map(len, self.stops), default=0) + 4
 
     def __call__(self, samples: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         if not self.stops:
             return finished
         rows = (~finished).nonzero().flatten().tolist()
-        texts = self.tokenizer.batch_decode(samples[rows, self.prompt_len :], skip_special_tokens=True)
+        start = max(self.prompt_len, samples.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(samples[rows, start:], skip_special_tokens=True)
         hit = [r for r, t in zip(rows, texts) if any(s in t for s in self.stops)]
         if hit:
             finished = finished.clone()

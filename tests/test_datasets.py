@@ -244,8 +244,13 @@ def test_cache_is_reused_and_invalidated_by_data_tokenizer_or_settings(tmp_path,
 
 def test_train_uses_the_cache_dir(tmp_path, saved_tokenizer, tiny_gpt2_config):
     config = tiny_config(saved_tokenizer, tmp_path, data_cache_dir=str(tmp_path / "cache"))
-    ilql.train(model_path=tiny_gpt2_config, samples=["abc", "bcd"], rewards=[1.0, 0.0], config=config)
+    data = dict(samples=["abc", ["b", "cd"], "bcd"], rewards=[1.0, [0.5], 0.0])
+    first = ilql.train(model_path=tiny_gpt2_config, config=config, **data)
     assert len(list((tmp_path / "cache").glob("episodes-*"))) == 1
+    second = ilql.train(model_path=tiny_gpt2_config, config=config, **data)  # memory-mapped episodes
+    assert isinstance(second.loader.dataset.tokens, np.memmap)
+    losses = lambda t: [r["losses/loss"] for r in t.history if "losses/loss" in r]  # noqa: E731
+    assert losses(second) == losses(first)
 
 
 def test_length_grouping_is_reproducible_complete_and_cuts_padding():

@@ -262,3 +262,27 @@ def test_resuming_an_older_checkpoint_warns_about_later_ones(tmp_path, cli_run):
         assert main(cli_run + ["--resume", str(tmp_path / "ckpts" / "checkpoint_0000002")]) == 0
     records = [json.loads(line) for line in (tmp_path / "ckpts" / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "losses/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("edit", ["drop_key", "bad_tensors", "escape"])
+def test_a_tampered_checkpoint_raises_a_training_error(tmp_path, cli_run, edit):
+    from ilql.cli import main
+
+    assert main(cli_run) == 0
+    latest = tmp_path / "ckpts" / "checkpoint_0000004"
+    if edit == "drop_key":
+        state = json.loads((latest / ckpt.STATE_JSON).read_text())
+        del state["epoch"]
+        (latest / ckpt.STATE_JSON).write_text(json.dumps(state))
+    elif edit == "bad_tensors":
+        (latest / ckpt.STATE_TENSORS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    manifest = ckpt.build_manifest(latest, 4, "train")  # a consistent manifest: the contents are the problem
+    if edit == "escape":
+        manifest["files"]["../../outside"] = {"size": 1, "sha256": "0"}
+    ckpt.write_json_atomic(latest / ckpt.MANIFEST, manifest)
+    config = ilql.TRLConfig.load_yaml(tmp_path / "cfg.yaml")
+    samples, rewards = ilql.data.load_jsonl(cli_run[4])
+    expected = {"drop_key": "malformed.*epoch", "bad_tensors": "malformed", "escape": "outside the checkpoint"}[edit]
+    with pytest.raises(ilql.TrainingError, match=f"cannot resume from .*{expected}"):
+        ilql.train(model_path=cli_run[6], samples=samples, rewards=rewards, config=config,
+                   resume_from_checkpoint=str(latest))

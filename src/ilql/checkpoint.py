@@ -138,9 +138,13 @@ def verify_checkpoint(directory: Path, checksums: bool = True) -> Optional[str]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
         int(manifest["step"])
+        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+            raise TypeError("'files' must map names to {size, sha256}")
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable manifest.json ({e})"
     for rel, meta in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"the manifest names a file outside the checkpoint ({rel})"
         path = directory / rel
         if not path.is_file():
             return f"file {rel} is missing"

@@ -22,13 +22,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
 from .data import Episode, build_loader, check_samples, make_episodes, validate_prompts
 from . import checkpoint as ckpt
-from .errors import ConfigError, DataError, DataTypeError, TrainingError
+from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
 from .modeling import AutoModelForCausalLMWithILQLHeads
 from .parallel import SHARDED_DIR, Parallel, load_trainer_checkpoint, save_trainer_checkpoint
@@ -505,6 +506,15 @@ class ILQLTrainer:
             raise TrainingError(f"cannot resume from {directory}: {problem}")
         if not (directory / ckpt.STATE_JSON).is_file() or not (directory / ckpt.STATE_TENSORS).is_file():
             raise TrainingError(f"cannot resume from {directory}: it holds a model but no training state")
+        try:
+            self._restore(directory)
+        except ILQLError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError) as e:  # edited files
+            raise TrainingError(f"cannot resume from {directory}: its training state is malformed ({e!r})") from e
+        self._truncate_log()
+
+    def _restore(self, directory: Path) -> None:
         state = json.loads((directory / ckpt.STATE_JSON).read_text(encoding="utf-8"))
         self._check_resumable(directory, state)
         tensors = ckpt.load_tensors(directory / ckpt.STATE_TENSORS)
@@ -521,7 +531,6 @@ class ILQLTrainer:
             gen.set_state(tensors["rng/eval"])
             self._eval_rng = (state["eval_rng_step"], gen)
         ckpt.restore_rng_state(state["rng"], tensors)
-        self._truncate_log()
 
     def _check_resumable(self, directory: Path, state: Dict[str, Any]) -> None:
         if state.get("format") != ckpt.FORMAT_VERSION:

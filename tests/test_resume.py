@@ -1,8 +1,9 @@
 """Fault tolerance: exact resume after SIGKILL, atomic checkpoints, `ilql train --resume`.
 
-The crash test runs tests/resume_child.py, which trains in forked children;
-ILQL_FAULT_INJECT=point:step makes a child SIGKILL itself at a fixed point, so every crash is
-deterministic. The save tests fork children that only write files.
+The crash tests run tests/resume_child.py, which trains in forked children: in one,
+ILQL_FAULT_INJECT=point:step makes a child SIGKILL itself at a fixed point (mid-run, mid-save),
+so the crash is deterministic; in the other the driver SIGKILLs children after fixed delays,
+wherever they are. The save tests fork children that only write files.
 """
 
 import json
@@ -115,7 +116,7 @@ def save_in_child(root: Path, step: int, fault: str = None) -> int:
 def test_sigkill_while_replacing_a_checkpoint_keeps_the_previous_one(tmp_path, point):
     assert save_in_child(tmp_path, 1) == 0
     assert save_in_child(tmp_path, 2, fault=f"{point}:2") == SIGKILLED
-    ckpt.recover_best(tmp_path)  # what resume does first
+    ckpt.recover_replaced(tmp_path)  # what resume does first
     best = tmp_path / ckpt.BEST_NAME
     assert ckpt.verify_checkpoint(best) is None
     assert ckpt.read_manifest(best)["step"] == 1

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -123,7 +124,7 @@ def _remove_tree(path: Path) -> None:
     checkpoint with some of its files gone."""
     if not path.exists():
         return
-    trash = path.with_name(f".trash-{path.name.lstrip('.')}-{os.getpid()}")
+    trash = path.with_name(f".trash-{path.name.lstrip('.')}-{uuid.uuid4().hex[:12]}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -194,13 +195,16 @@ def find_latest_checkpoint(root: Path, report: Callable[[str], None] = None) -> 
     return None
 
 
-def recover_best(root: Path) -> None:
-    """A crash between the two renames that replace the best checkpoint leaves it only under
-    its hidden ``.old`` name: put it back."""
+def recover_replaced(root: Path) -> None:
+    """A crash between the two renames that replace a checkpoint (the best one, or a step saved
+    twice) leaves it only under its hidden ``.<name>.old`` name: put it back."""
     root = Path(root)
-    best, old = root / BEST_NAME, root / f".{BEST_NAME}.old"
-    if not best.exists() and old.is_dir() and verify_checkpoint(old, checksums=False) is None:
-        os.replace(old, best)
+    if not root.is_dir():
+        return
+    for old in root.glob(".*.old"):
+        target = root / old.name[1 : -len(".old")]
+        if not target.exists() and old.is_dir() and verify_checkpoint(old, checksums=False) is None:
+            os.replace(old, target)
 
 
 def prune_checkpoints(root: Path, keep_last: Optional[int]) -> List[Path]:

@@ -591,7 +591,7 @@ class ILQLTrainer:
         newest complete one under it, skipping and reporting partial ones; None if there is none."""
         latest = str(resume_from_checkpoint) == "latest"
         root = self.checkpoint_dir if latest else Path(resume_from_checkpoint)
-        ckpt.recover_best(self.checkpoint_dir)
+        ckpt.recover_replaced(self.checkpoint_dir)
         if not latest and not ckpt.list_checkpoints(root):
             return root  # a checkpoint itself; `load_checkpoint` verifies it
         found = ckpt.find_latest_checkpoint(root)

@@ -141,3 +141,21 @@ def test_memory_is_bounded_by_the_chunk_not_the_batch():
         qs = [h @ w.T + b for h, w, b in zip(inputs.q_hs, inputs.q_weights, inputs.q_biases)]
         ilql_loss(logits=logits, qs=qs, target_qs=inputs.target_qs, vs=inputs.vs, **batch, **HPARAMS)[0].backward()
     assert seen_ref.largest >= B * A * V
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2_frozen_bottom"])
+def test_gradients_match_for_untied_heads_and_frozen_layers(tiny_llama_config, tiny_gpt2_config, walks_tokenizer, arch):
+    torch.manual_seed(4)
+    if arch == "llama":  # an untied LM head
+        model = AutoModelForCausalLMWithILQLHeads.from_config(tiny_llama_config).eval()
+    else:  # frozen embeddings freeze the tied LM head: no weight gradient to compute
+        model = AutoModelForCausalLMWithILQLHeads.from_config(tiny_gpt2_config).eval()
+        model.freeze_bottom_layers(1)
+        assert not model.base_model.get_output_embeddings().weight.requires_grad
+    batch = make_batch(walks_tokenizer, PADDED)
+    ref_grads = grads_of(model, reference_loss(model, batch, **HPARAMS)[0])
+    grads = grads_of(model, chunked_loss(model, batch, chunk_size=4, **HPARAMS)[0])
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = ref_grads[name].abs().max().clamp(min=1e-12)
+        assert (grads[name] - ref_grads[name]).abs().max() / scale < 1e-5, name

@@ -195,7 +195,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(mm_dtype)
                 if need_h:
                     grad_h[rows] = (g @ w).to(h.dtype)
-                if need_w:
+                if need_w and g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.T, hc)  # no [V, H] temporary per chunk
+                elif need_w:
                     grad_w += g.T @ hc
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

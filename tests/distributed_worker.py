@@ -49,7 +49,7 @@ def make_trainer(tokenizer_path: str, tmp: str, strategy: str, kind: str = "gpt2
     config = ilql.default_ilql_config().evolve(
         train=train,
         tokenizer=dict(tokenizer_path=tokenizer_path),
-        optimizer=dict(kwargs=dict(lr=1e-3)),
+        optimizer=dict(kwargs=dict(lr=1e-3, **overrides.pop("optimizer_kwargs", {}))),
         method=dict(steps_for_target_q_sync=2, alpha=0.5, gen_kwargs=dict(max_new_tokens=4, top_k=0, beta=1, temperature=0),
                     **overrides.pop("method", {})),
     )

@@ -6,6 +6,7 @@ the single-process references run in this process. Dropout is off, so every stra
 reproduce the single-process losses up to float rounding.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from ilql import AutoModelForCausalLMWithILQLHeads, ConfigError, default_ilql_co
 from ilql.parallel import Parallel, ShardedBatchSampler, shard_slice  # noqa: E402
 
 TOL = 1e-5
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 HALF = worker.STEPS // 2
 RESUME_AT = 6  # a checkpoint of the learn() runs, in the middle of the second epoch
 
@@ -84,6 +86,8 @@ def runs(tmp_path_factory):
         ["ddp_accumulate", "losses", {"strategy": "ddp", "train": {"gradient_accumulation_steps": 2}}],
         ["fsdp_accumulate", "losses", {"strategy": "fsdp", "train": {"gradient_accumulation_steps": 3}}],
     ]
+    if HAS_DEEPSPEED:  # the optional extra
+        jobs.append(["zero3", "learn", {"strategy": "deepspeed"}])
     out.update(_launch(tok, tmp, jobs))
     # the 2-rank FSDP checkpoint of step 6 (mid-epoch), resumed by one process without any
     # process group
@@ -237,3 +241,21 @@ def test_strategy_without_a_launcher_names_torchrun(monkeypatch):
     config = default_ilql_config().evolve(train=dict(strategy="fsdp"))
     with pytest.raises(ConfigError, match="torchrun"):
         Parallel.from_config(config)
+
+
+# ------------------------------------------------------- DeepSpeed ZeRO-3 (optional extra)
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="the deepspeed extra is not installed")
+def test_deepspeed_zero3_matches_single_process(runs):
+    """deepspeed.initialize (ZeRO-3, the trainer's AdamW, no clipping) with Polyak averaging
+    on gathered partitions: the single-process losses, evaluation and final weights."""
+    zero3 = runs["zero3"]
+    ref, got = _losses(runs["ref"]["history"]), _losses(zero3["history"])
+    assert len(got) == worker.STEPS
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+    for a, b in zip(_evals(runs["ref"]["history"]), _evals(zero3["history"])):
+        assert b == pytest.approx(a, abs=1e-4)
+    ref_model = AutoModelForCausalLMWithILQLHeads.from_pretrained(runs["tmp"] / "final_none_gpt2")
+    got_model = AutoModelForCausalLMWithILQLHeads.from_pretrained(runs["tmp"] / "final_deepspeed_gpt2")
+    got_state = got_model.state_dict()
+    for key, value in ref_model.state_dict().items():
+        torch.testing.assert_close(got_state[key], value, atol=1e-4, rtol=1e-4, msg=key)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine_annealing", "linear", "constant")
-STRATEGIES = ("none", "ddp", "fsdp", "tp")  # train.strategy; see ilql.parallel
+STRATEGIES = ("none", "ddp", "fsdp", "tp", "deepspeed")  # train.strategy; see ilql.parallel
 MIXED_PRECISIONS = ("no", "bf16")
 
 
@@ -220,6 +220,8 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     # split each batch into this many chunks, one forward/backward each, one optimizer step
     gradient_accumulation_steps: int = 1
+    # strategy "deepspeed" (optional extra): entries merged into ilql's DeepSpeed config (ZeRO-3)
+    deepspeed_config: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("seq_length", "epochs", "total_steps", "batch_size", "checkpoint_interval", "eval_interval"):
@@ -241,6 +243,9 @@ class TrainConfig(_Section):
         ok = isinstance(self.activation_checkpointing, bool)
         _check(ok, "train.activation_checkpointing", "true or false", self.activation_checkpointing)
         _positive_int("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check(isinstance(self.deepspeed_config, dict), "train.deepspeed_config", "a mapping", self.deepspeed_config)
+        ok = self.strategy != "deepspeed" or self.gradient_accumulation_steps == 1
+        _check(ok, "train.gradient_accumulation_steps", "1 with train.strategy 'deepspeed'", self.gradient_accumulation_steps)
         ok = self.mixed_precision in MIXED_PRECISIONS
         _check(ok, "train.mixed_precision", f"one of {', '.join(map(repr, MIXED_PRECISIONS))}", self.mixed_precision)
         _check(isinstance(self.compile, bool), "train.compile", "true or false", self.compile)

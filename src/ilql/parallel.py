@@ -310,6 +310,7 @@ class Parallel:
     mixed_precision: str = "no"
     cpu_offload: bool = False
     activation_checkpointing: bool = False
+    deepspeed_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     mesh: Any = None
 
@@ -341,6 +342,7 @@ class Parallel:
             mixed_precision=getattr(train, "mixed_precision", "no"),
             cpu_offload=getattr(train, "cpu_offload", False),
             activation_checkpointing=checkpointing,
+            deepspeed_config=dict(getattr(train, "deepspeed_config", {}) or {}),
             device=device,
             mesh=mesh,
         )
@@ -359,6 +361,23 @@ class Parallel:
     def dp_size(self) -> int:
         """Data-parallel degree: how many ranks split each batch (tensor parallel: 1)."""
         return 1 if self.strategy in ("none", "tp") else self.world_size
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the chunked loss may run: it reads the LM / Q heads' weights after the
+        forward, which vocabulary-parallel layers and ZeRO-3's partitioned weights forbid."""
+        return self.strategy not in ("tp", "deepspeed")
+
+    @property
+    def gathers_weights(self) -> bool:
+        """Whether saving needs every rank (the weights are sharded: fsdp, tp, deepspeed)."""
+        return self.strategy in ("fsdp", "tp", "deepspeed")
+
+    @property
+    def splits_evaluation(self) -> bool:
+        """Whether ranks decode different prompts: only where decoding runs no collective
+        (tp and ZeRO-3 gather weights inside every forward, so all ranks decode together)."""
+        return self.strategy in ("ddp", "fsdp") and self.world_size > 1
 
     def barrier(self) -> None:
         if self.strategy != "none":
@@ -381,6 +400,15 @@ class Parallel:
             shard_trunk(model, self.mesh)
             shard_vocabulary_heads(model, self.mesh)
         return model
+
+    def attach_optimizer(self, model, optimizer):
+        """Under "deepspeed": ``deepspeed.initialize`` (ZeRO-3 by default) with the trainer's
+        optimizer; returns the engine (which passes other attributes to the model) and an
+        optimizer whose ``step`` is the engine's. Identity otherwise. The LR scheduler keeps
+        the client optimizer, whose param_groups ZeRO keeps using."""
+        if self.strategy != "deepspeed":
+            return model, optimizer
+        return _deepspeed_initialize(model, optimizer, self)
 
     def _fully_shard(self, model):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -425,11 +453,11 @@ class Parallel:
 
     def split(self, items: Sequence[Any]) -> List[Any]:
         """This rank's contiguous part of `items` (evaluation prompts)."""
-        return shard_slice(items, self.dp_rank, self.dp_size) if self.dp_size > 1 else list(items)
+        return shard_slice(items, self.dp_rank, self.dp_size) if self.splits_evaluation else list(items)
 
     def gather(self, items: Sequence[Any]) -> List[Any]:
         """Concatenate every rank's `items` in rank order (the inverse of `split`)."""
-        if self.dp_size == 1:
+        if not self.splits_evaluation:
             return list(items)
         parts: List[Any] = [None] * self.world_size
         dist.all_gather_object(parts, list(items))
@@ -479,7 +507,8 @@ class Parallel:
             weight = count(chunk) / total
             with self._gradient_sync(model, i == len(chunks) - 1):
                 loss, stats = loss_fn(chunk)
-                (loss * (weight * self.dp_size).to(loss.dtype)).backward()
+                scaled = loss * (weight * self.dp_size).to(loss.dtype)
+                model.backward(scaled) if self.strategy == "deepspeed" else scaled.backward()
             loss_sum = loss.detach().double() * weight + (0 if loss_sum is None else loss_sum)
             for k, v in stats.items():
                 stat_sums[k] = v.detach().double() * weight + stat_sums.get(k, 0)
@@ -555,6 +584,12 @@ class Parallel:
         must call it); None where the model's own state dict already is full (none / ddp)."""
         if self.strategy in ("none", "ddp"):
             return None
+        if self.strategy == "deepspeed":
+            import deepspeed
+
+            module = model.module
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -614,14 +649,17 @@ def save_trainer_checkpoint(trainer, directory) -> None:
         shutil.rmtree(shards, ignore_errors=True)
         shards.parent.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
-    save_sharded(shards, trainer.model, trainer.optimizer, _trainer_extra(trainer))
+    resumable = parallel.strategy != "deepspeed"  # ZeRO-3 weights: the full model only
+    if resumable:
+        save_sharded(shards, trainer.model, trainer.optimizer, _trainer_extra(trainer))
     parallel.barrier()
     if parallel.is_main:
         def write(tmp: Path) -> None:
             trainer.model.write_files(tmp, state_dict=full)
             trainer.tokenizer.save_pretrained(str(tmp))
             trainer.config.save_yaml(tmp / "ilql_train_config.yaml")
-            os.replace(shards, tmp / SHARDED_DIR)
+            if resumable:
+                os.replace(shards, tmp / SHARDED_DIR)
 
         kind = "best" if directory.name == ckpt.BEST_NAME else "train"
         ckpt.write_checkpoint_dir(directory, write, trainer.step, kind)
@@ -634,6 +672,8 @@ def load_trainer_checkpoint(trainer, directory) -> None:
     """Resume from a checkpoint with a ``sharded`` state (written by any number of ranks),
     whatever this run's strategy and number of ranks."""
     directory = Path(directory)
+    if trainer.parallel.strategy == "deepspeed":
+        raise TrainingError(f"cannot resume from {directory} with train.strategy='deepspeed': resume with fsdp")
     problem = ckpt.verify_checkpoint(directory)
     if problem is not None:
         raise TrainingError(f"cannot resume from {directory}: {problem}")
@@ -646,3 +686,58 @@ def load_trainer_checkpoint(trainer, directory) -> None:
     trainer._epoch_start_rng = extra["loader_rng"]
     trainer.generator.set_state(trainer._epoch_start_rng)
     trainer._truncate_log()
+
+
+# -------------------------------------------------------------- DeepSpeed (optional extra)
+class _EngineOptimizer:
+    """The trainer's view of a DeepSpeed engine's optimizer: ``step`` runs ``engine.step()``."""
+
+    def __init__(self, engine, client):
+        self.engine, self.client = engine, client
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self):
+        return self.client.param_groups
+
+
+def _deepspeed_initialize(model, optimizer, parallel: "Parallel"):
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("train.strategy='deepspeed' needs the optional extra: pip install 'ilql[deepspeed]'") from None
+
+    # head_at_actions reads the target heads' last weights without calling that layer: ZeRO-3
+    # must gather them whenever the heads' forward runs
+    heads = model.ilql_heads
+    for target in heads.target_q_heads:
+        for param in target[-1].parameters():
+            deepspeed.zero.register_external_parameter(heads, param)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # only consulted for logging: ilql feeds the batches
+        "gradient_accumulation_steps": 1,
+        # no parameter kept whole on every rank: Polyak averaging updates the partitions
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_force_ds_cpu_optimizer": False,  # the trainer's torch optimizer, also on CPU
+        "gradient_clipping": 0.0,  # as the trainer: no clipping unless asked for
+        **parallel.deepspeed_config,
+    }
+    config.setdefault("train_batch_size", config["train_micro_batch_size_per_gpu"] * parallel.world_size)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # Polyak averaging on partitioned weights: gather them, update on rank 0, re-partition
+    model.sync_target_q_heads = lambda: _zero3_sync_target_q_heads(heads)
+    return engine, _EngineOptimizer(engine, optimizer)
+
+
+def _zero3_sync_target_q_heads(heads) -> None:
+    import deepspeed
+
+    params = [p for head in (*heads.q_heads, *heads.target_q_heads) for p in head.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if dist.get_rank() == 0:
+            heads.sync_target_q_heads()

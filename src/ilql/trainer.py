@@ -277,7 +277,8 @@ class ILQLTrainer:
         train = self.config.train
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="ilql", disable=None if train.progress_bar else True,
+            total=self.total_steps, initial=self.step, desc="ilql",
+            disable=None if train.progress_bar and self.parallel.is_main else True,  # one bar: rank 0's
             dynamic_ncols=True,
         )
         start = time.perf_counter()

@@ -105,7 +105,7 @@ def scenario_resume(tokenizer_path, tmp, strategy, path, kind="gpt2", **override
 def scenario_learn(tokenizer_path, tmp, strategy, kind="gpt2", resume=None, **overrides):
     """`learn()` with greedy evaluation at steps 5 and 10 and checkpoints at steps 3, 6, 9 and
     10 (optionally resumed from a checkpoint first); the logged history."""
-    train = dict(eval_interval=STEPS // 2, checkpoint_interval=3, **overrides.pop("train", {}))
+    train = {"eval_interval": STEPS // 2, "checkpoint_interval": 3, **overrides.pop("train", {})}
     trainer, _ = make_trainer(tokenizer_path, tmp, strategy, kind, train=train, **overrides)
     if resume is not None:
         trainer.load_checkpoint(resume)

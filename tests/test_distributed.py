@@ -24,7 +24,7 @@ from ilql.parallel import Parallel, ShardedBatchSampler, shard_slice  # noqa: E4
 TOL = 1e-5
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 HALF = worker.STEPS // 2
-RESUME_AT = 6  # a checkpoint of the learn() runs, in the middle of the second epoch
+RESUME_AT = (5, 6)  # checkpoints of the FSDP learn() run: an epoch boundary, mid-epoch
 
 
 def _free_port() -> int:
@@ -75,7 +75,8 @@ def runs(tmp_path_factory):
     }
     jobs = [
         ["ddp", "learn", {"strategy": "ddp"}],
-        ["fsdp", "learn", {"strategy": "fsdp"}],  # sharded checkpoints at steps 3, 6, 9, 10
+        # a sharded checkpoint after every step
+        ["fsdp", "learn", {"strategy": "fsdp", "train": {"checkpoint_interval": 1, "keep_last_checkpoints": None}}],
         ["tp", "learn", {"strategy": "tp"}],  # GPT-2: tied embedding and LM head
         # Llama: trunk sharded by its tensor-parallel plan too, untied LM head
         ["tp_llama", "learn", {"strategy": "tp", "kind": "llama", "train": {"checkpoint_dir": str(tmp / "ckpts_tp_llama")}}],
@@ -89,12 +90,13 @@ def runs(tmp_path_factory):
     if HAS_DEEPSPEED:  # the optional extra
         jobs.append(["zero3", "learn", {"strategy": "deepspeed"}])
     out.update(_launch(tok, tmp, jobs))
-    # the 2-rank FSDP checkpoint of step 6 (mid-epoch), resumed by one process without any
-    # process group
-    out["from_two_ranks"] = worker.scenario_learn(
-        tok, tmp, "none", resume=str(tmp / "ckpts_fsdp" / f"checkpoint_{RESUME_AT:07d}"),
-        train=dict(checkpoint_dir=str(tmp / "ckpts_resumed")),
-    )
+    # 2-rank FSDP checkpoints resumed by one process without any process group: at the end
+    # of the first epoch (5 batches) and in the middle of the second
+    for step in RESUME_AT:
+        out[f"from_two_ranks_{step}"] = worker.scenario_learn(
+            tok, tmp, "none", resume=str(tmp / "ckpts_fsdp" / f"checkpoint_{step:07d}"),
+            train=dict(checkpoint_dir=str(tmp / f"ckpts_resumed_{step}")),
+        )
     out["tmp"] = tmp
     return out
 
@@ -187,10 +189,11 @@ def test_sharded_runs_save_full_hf_checkpoints(runs, strategy):
         torch.testing.assert_close(got_state[key], value, atol=1e-4, rtol=1e-4, msg=key)
 
 
-def test_sharded_checkpoint_from_two_ranks_resumes_on_one(runs):
-    ref = _losses(runs["ref"]["history"])[RESUME_AT:]
-    got = _losses(runs["from_two_ranks"]["history"])
-    assert len(got) == worker.STEPS - RESUME_AT
+@pytest.mark.parametrize("step", RESUME_AT)
+def test_sharded_checkpoint_from_two_ranks_resumes_on_one(runs, step):
+    ref = _losses(runs["ref"]["history"])[step:]
+    got = _losses(runs[f"from_two_ranks_{step}"]["history"])
+    assert len(got) == worker.STEPS - step
     assert max(abs(a - b) for a, b in zip(ref, got)) < TOL, (ref, got)
 
 

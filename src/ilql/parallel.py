@@ -625,10 +625,13 @@ SHARDED_DIR = "sharded"  # inside a checkpoint: the torch.distributed.checkpoint
 
 
 def _trainer_extra(trainer) -> Dict[str, Any]:
-    """Counters and data position a resume needs besides weights and optimizer states."""
+    """Counters and data position a resume needs besides weights and optimizer states.
+
+    The position is always (epoch, batches done, the loader generator at the epoch's start),
+    even when the epoch is used up: the sampler still draws from the generator when its
+    iterator runs out, after the last batch, so the state at save time is not yet the next
+    epoch's; replaying (and skipping) the finished epoch on resume makes that draw."""
     epoch, batch, loader_rng = trainer.epoch, trainer.batch_in_epoch, trainer._epoch_start_rng
-    if batch >= len(trainer.loader):  # the epoch is used up: resume at the start of the next
-        epoch, batch, loader_rng = epoch + 1, 0, trainer.generator.get_state()
     best = trainer.best_score if trainer.best_score != float("-inf") else None
     counters = dict(step=trainer.step, epoch=epoch, batch_in_epoch=batch, best_score=best,
                     scheduler=trainer.scheduler.state_dict(), world_size=dist.get_world_size() if dist.is_initialized() else 1)

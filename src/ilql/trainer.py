@@ -458,9 +458,10 @@ class ILQLTrainer:
 
     def training_state(self) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
         """Everything besides the weights that an exact resume needs, as (JSON, tensors)."""
+        # even when the epoch is used up: its sampler still draws from the generator when its
+        # iterator runs out (after the last batch), so the next epoch's state does not exist
+        # yet; the resume replays and skips the finished epoch, which makes that draw
         epoch, batch, loader_rng = self.epoch, self.batch_in_epoch, self._epoch_start_rng
-        if batch >= len(self.loader):  # the epoch is used up: resume at the start of the next
-            epoch, batch, loader_rng = epoch + 1, 0, self.generator.get_state()
         optim_json, tensors = ckpt.split_optimizer_state(self.optimizer.state_dict())
         rng_json, rng_tensors = ckpt.capture_rng_state()
         tensors.update(rng_tensors)

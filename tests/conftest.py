@@ -45,3 +45,11 @@ def saved_tokenizer(tmp_path, walks_tokenizer):
     path = tmp_path / "tokenizer"
     walks_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request, tiny_gpt2_config, tiny_llama_config):
+    """A tiny GPT-2 or Llama with ILQL heads whose advantage steers decoding."""
+    from _helpers import guided_model
+
+    return guided_model(tiny_gpt2_config if request.param == "gpt2" else tiny_llama_config)

@@ -4,43 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ilql import AutoModelForCausalLMWithILQLHeads, ConfigError
+from ilql import ConfigError
 from ilql.generation import Guide, check_gen_kwargs, penalize_repetitions, top_k_mask, top_p_mask
 from ilql.logits_process import ILQLLogitsProcessor, hf_generate
 
-PAD = 22
+from _helpers import PAD, guided_model, left_pad
+
 NO_EOS = 99  # an id outside the vocabulary: rows never finish early
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def model(request, tiny_gpt2_config, tiny_llama_config):
-    torch.manual_seed(0)
-    config = tiny_gpt2_config if request.param == "gpt2" else tiny_llama_config
-    m = AutoModelForCausalLMWithILQLHeads.from_config(config)
-    with torch.no_grad():  # make the advantage matter: random heads with a larger scale
-        for p in m.ilql_heads.parameters():
-            p.mul_(3.0)
-    return m.eval()
 
 
 @pytest.fixture
 def gpt2(tiny_gpt2_config):
-    torch.manual_seed(0)
-    m = AutoModelForCausalLMWithILQLHeads.from_config(tiny_gpt2_config)
-    with torch.no_grad():
-        for p in m.ilql_heads.parameters():
-            p.mul_(3.0)
-    return m.eval()
-
-
-def left_pad(rows):
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return guided_model(tiny_gpt2_config)
 
 
 def gen(model, ids, **kw):

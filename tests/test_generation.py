@@ -1,31 +1,7 @@
-import pytest
 import torch
 import torch.nn.functional as F
 
-from ilql import AutoModelForCausalLMWithILQLHeads
-
-PAD = 22
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def model(request, tiny_gpt2_config, tiny_llama_config):
-    torch.manual_seed(0)
-    config = tiny_gpt2_config if request.param == "gpt2" else tiny_llama_config
-    m = AutoModelForCausalLMWithILQLHeads.from_config(config)
-    with torch.no_grad():  # make the advantage matter: random heads with a larger scale
-        for p in m.ilql_heads.parameters():
-            p.mul_(3.0)
-    return m.eval()
-
-
-def left_pad(rows):
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+from _helpers import PAD, left_pad
 
 
 def test_beta_zero_greedy_equals_the_base_models_greedy(model):

@@ -108,3 +108,20 @@ def test_num_layers_unfrozen(tiny_gpt2_config, unfrozen):
     assert trainable == expected
     assert model.base_model.transformer.wte.weight.requires_grad == (unfrozen == -1)
     assert all(p.requires_grad for p in model.ilql_heads.q_heads.parameters())
+
+
+def test_saving_prints_no_progress_bar_and_keeps_the_users_setting(tmp_path, tiny_gpt2_config, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model = AutoModelForCausalLMWithILQLHeads.from_config(tiny_gpt2_config)
+    capfd.readouterr()
+    model.save_pretrained(tmp_path / "m")
+    printed = capfd.readouterr()
+    assert "Writing" not in printed.err + printed.out
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp_path / "m2")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

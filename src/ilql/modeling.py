@@ -8,6 +8,7 @@ missing/unused-weight warning because the heads live in their own file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -128,7 +129,8 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
         if state_dict is not None:
             kwargs["state_dict"] = {k[len("base_model."):]: v for k, v in state_dict.items() if k.startswith("base_model.")}
             heads = {k[len("ilql_heads."):]: v for k, v in state_dict.items() if k.startswith("ilql_heads.")}
-        self.base_model.save_pretrained(str(directory), **kwargs)
+        with _quiet_progress_bars():  # a checkpoint every N steps should not print a bar each time
+            self.base_model.save_pretrained(str(directory), **kwargs)
         state = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
         save_file(state, str(directory / HEADS_FILE), metadata={"format": "pt"})
         heads_config = dict(
@@ -244,6 +246,20 @@ class AutoModelForCausalLMWithILQLHeads(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """Silence transformers' progress bars for the duration, restoring the user's setting."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from .config import TRLConfig, default_ilql_config
-from .data import Episode, build_loader, check_samples, make_episodes, validate_prompts
+from .data import Episode, build_loader, make_episodes, validate_prompts
 from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
@@ -665,7 +665,6 @@ def train(
         raise ConfigError("columns= names the columns of dataset=; it has no meaning with samples=")
     if samples is None or rewards is None:
         raise DataError("train() needs samples= and rewards= (one reward per sample)")
-    check_samples(samples, rewards)
     eval_prompts = validate_prompts(eval_prompts)
     if metric_fn is not None and not callable(metric_fn):
         raise DataTypeError(f"metric_fn must be callable, got {type(metric_fn).__name__}")
@@ -676,6 +675,7 @@ def train(
 
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
+    # checks every sample and reward first (errors name the sample), then tokenizes
     episodes = make_episodes(
         samples, rewards, tokenizer, config.train.seq_length, standardize_rewards=config.method.standardize_rewards,
         cache_dir=config.train.data_cache_dir,

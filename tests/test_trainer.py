@@ -133,5 +133,13 @@ def test_gen_kwargs_sweep_and_stop_sequences():
     runs = gen_kwargs_sweep(dict(beta=[0, 4], top_k=3))
     assert runs == [("beta=0", dict(beta=0, top_k=3)), ("beta=4", dict(beta=4, top_k=3))]
     assert gen_kwargs_sweep(dict(beta=1)) == [("", dict(beta=1))]
+    # arguments that take a list are one setting, unless given a list of lists
+    one = dict(beta=[0, 1], stop_sequences=["|", "."], eos_token_id=[3, 4])
+    assert [kw for _, kw in gen_kwargs_sweep(one)] == [
+        dict(beta=0, stop_sequences=["|", "."], eos_token_id=[3, 4]),
+        dict(beta=1, stop_sequences=["|", "."], eos_token_id=[3, 4]),
+    ]
+    runs = gen_kwargs_sweep(dict(stop_sequences=[["|"], ["."]]))
+    assert [kw["stop_sequences"] for _, kw in runs] == [["|"], ["."]]
     assert trim_at_stop("abc|def", ["|"]) == "abc" and trim_at_stop("abc", None) == "abc"
     assert trim_at_stop("a.b;c", [";", "."]) == "a"

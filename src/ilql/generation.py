@@ -104,18 +104,29 @@ _CHECKS = {
 GEN_KWARGS = tuple(_CHECKS)
 
 
+# arguments whose single value is already a list: for these only a list of lists is a sweep
+LIST_VALUED = ("stop_sequences", "eos_token_id")
+
+
+def swept_values(key: str, value: Any) -> Optional[list]:
+    """The values a `gen_kwargs` entry sweeps over, or None when it is one setting: any list
+    is a sweep (``beta=[0, 1]``), except for list-valued arguments, where a list of lists is."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    if key in LIST_VALUED and not (value and all(isinstance(v, (list, tuple)) for v in value)):
+        return None
+    return list(value)
+
+
 def check_gen_kwargs(kwargs: Dict[str, Any], prefix: str = "gen_kwargs", sweep: bool = False) -> None:
     """Raise `ConfigError` naming ``prefix.key`` for an unknown key or a bad value.
 
-    With ``sweep=True`` a list value (other than `stop_sequences`) is a sweep: each item is
-    checked on its own."""
+    With ``sweep=True`` each value of a sweep (see `swept_values`) is checked on its own."""
     for key, value in kwargs.items():
         if key not in _CHECKS:
             raise ConfigError(f"unknown decoding argument {prefix}.{key}; allowed: {', '.join(GEN_KWARGS)}")
         ok, expected = _CHECKS[key]
-        values = value if sweep and key != "stop_sequences" and isinstance(value, (list, tuple)) else [value]
-        if sweep and key == "stop_sequences" and value and all(isinstance(v, (list, tuple)) for v in value):
-            values = value  # a sweep over lists of stop strings
+        values = (swept_values(key, value) if sweep else None) or [value]
         for item in values:
             _check(ok(item), f"{prefix}.{key}", expected, item)
 

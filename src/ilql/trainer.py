@@ -31,6 +31,7 @@ from .data import Episode, build_loader, make_episodes, validate_prompts
 from . import checkpoint as ckpt
 from .errors import ConfigError, DataError, DataTypeError, ILQLError, TrainingError
 from .loss import ilql_loss, ilql_loss_chunked
+from .generation import swept_values
 from .modeling import AutoModelForCausalLMWithILQLHeads
 from .parallel import SHARDED_DIR, Parallel, load_trainer_checkpoint, save_trainer_checkpoint
 
@@ -97,7 +98,7 @@ def build_scheduler(optimizer, config: TRLConfig, total_steps: int):
 def gen_kwargs_sweep(gen_kwargs: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
     """One (suffix, kwargs) per combination of the list-valued entries, e.g.
     ``beta=[0, 1]`` -> [("beta=0", {..., beta: 0}), ("beta=1", {..., beta: 1})]."""
-    swept = {k: v for k, v in gen_kwargs.items() if isinstance(v, (list, tuple))}
+    swept = {k: swept_values(k, v) for k, v in gen_kwargs.items() if swept_values(k, v) is not None}
     fixed = {k: v for k, v in gen_kwargs.items() if k not in swept}
     runs = []
     for values in itertools.product(*swept.values()):
@@ -359,13 +360,7 @@ class ILQLTrainer:
         results: Dict[str, float] = {}
         examples = []
         score = -math.inf
-        gen_kwargs = dict(self.config.method.gen_kwargs)
-        stops = gen_kwargs.get("stop_sequences")
-        if stops and not isinstance(stops[0], (list, tuple)):  # one list of stop strings, not a sweep
-            gen_kwargs.pop("stop_sequences")
-        for suffix, kwargs in gen_kwargs_sweep(gen_kwargs):
-            if "stop_sequences" not in kwargs and stops and not isinstance(stops[0], (list, tuple)):
-                kwargs["stop_sequences"] = stops
+        for suffix, kwargs in gen_kwargs_sweep(self.config.method.gen_kwargs):
             with self.parallel.generation_context(self.model):  # each data-parallel rank decodes its share
                 texts, kls = self.generate_texts(self.parallel.split(self.eval_prompts), return_kl=True, **kwargs)
                 outputs, kls = self.parallel.gather(texts), self.parallel.gather(kls)
